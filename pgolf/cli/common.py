@@ -1,0 +1,25 @@
+"""Argument helpers shared by the sub-commands that build a run configuration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pgolf.config import RunConfig, load_config, parse_set_args
+
+
+def add_config_args(p: argparse.ArgumentParser, default_preset: str = "baseline") -> None:
+    p.add_argument("--preset", default=default_preset, help=f"recipe name (default: {default_preset}); see `pgolf inspect --list`")
+    p.add_argument("--profile", default=None, help="hardware budget: 8xh100, 1xh100 or cpu")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace, extra: list[tuple[str, object]] | None = None) -> RunConfig:
+    overrides = list(extra or []) + parse_set_args(args.overrides)
+    return load_config(args.preset, args.profile, overrides)
+
+
+def print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=float)
+    sys.stdout.write("\n")

@@ -1,0 +1,69 @@
+"""``pgolf inspect``: what a preset builds (parameter counts by group) or what an artifact holds."""
+
+from __future__ import annotations
+
+import argparse
+
+from pgolf.cli.common import add_config_args, config_from_args, print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="parameter counts of a preset, or the contents of an artifact")
+    add_config_args(p)
+    p.add_argument("--artifact", default=None, help="inspect this artifact file instead of a preset")
+    p.add_argument("--list", action="store_true", help="list presets and profiles")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def preset_report(args: argparse.Namespace) -> dict:
+    from pgolf.config import diff_from_defaults, preset_meta
+    from pgolf.model.gpt import build_model, count_parameters
+    from pgolf.optim.groups import split_parameters
+
+    cfg = config_from_args(args)
+    model = build_model(cfg.model, "cpu")
+    counts = count_parameters(model)
+    groups = split_parameters(model)
+    meta = preset_meta(cfg.preset)
+    return {
+        "preset": cfg.preset,
+        "profile": cfg.profile,
+        "description": meta.get("description", ""),
+        "params": counts["total"],
+        "expected_params": meta.get("expected_params"),
+        "params_by_group": {k: v for k, v in counts.items() if k != "total"},
+        "optimizer_groups": {k: {"tensors": len(v), "params": sum(p.numel() for _, p in v)} for k, v in groups.__dict__.items()},
+        "config_changes": diff_from_defaults(cfg),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from pgolf.config import list_presets, list_profiles
+
+    if args.list:
+        out = {"presets": list_presets(), "profiles": list_profiles()}
+        if args.json:
+            print_json(out)
+        else:
+            print("presets: " + ", ".join(out["presets"]))
+            print("profiles: " + ", ".join(out["profiles"]))
+        return 0
+    if args.artifact:
+        from pgolf.quant.report import artifact_report, format_artifact_report
+
+        rep = artifact_report(args.artifact)
+        print_json(rep) if args.json else print(format_artifact_report(rep))
+        return 0
+    rep = preset_report(args)
+    if args.json:
+        print_json(rep)
+        return 0
+    print(f"preset {rep['preset']} (profile {rep['profile']}): {rep['description']}")
+    print(f"params: {rep['params']:,}" + (f" (expected {rep['expected_params']:,})" if rep["expected_params"] and rep["profile"] == "none" else ""))
+    for k, v in rep["params_by_group"].items():
+        print(f"  {k:<16} {v:>12,}")
+    print("optimizer groups:")
+    for k, v in rep["optimizer_groups"].items():
+        print(f"  {k:<16} {v['tensors']:>4} tensors {v['params']:>12,} params")
+    return 0

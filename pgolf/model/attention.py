@@ -1,0 +1,114 @@
+"""Causal self-attention with GQA, QK RMS-norm, (partial) RoPE, q_gain, optional XSA and an
+optional value-embedding input.
+
+The attention kernel is chosen once at build time (``resolve_attention_kernel``): FlashAttention 3
+(``flash_attn_interface``) when asked for or available on a Hopper GPU, otherwise PyTorch SDPA,
+which runs on CPU and every GPU. Both take and return [B, T, H, D].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf.model.layers import CastedLinear, Passthrough, Rotary
+
+AttentionKernel = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention via F.scaled_dot_product_attention; q [B,T,H,D], k/v [B,T,Hkv,D]."""
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=True,
+        enable_gqa=k.size(2) != q.size(2),
+    )
+    return y.transpose(1, 2)
+
+
+def resolve_attention_kernel(backend: str, device: torch.device | str | None = None) -> AttentionKernel:
+    """``auto`` picks FA3 only on a CUDA device with ``flash_attn_interface`` importable."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if backend == "sdpa" or (backend == "auto" and dev.type != "cuda"):
+        return sdpa_attention
+    try:
+        from flash_attn_interface import flash_attn_func  # type: ignore[import-not-found]
+    except ImportError:
+        if backend == "flash3":
+            from pgolf.errors import MissingDependencyError
+
+            raise MissingDependencyError(
+                "model.attention_backend=flash3 needs FlashAttention 3 (module flash_attn_interface); "
+                "install it or set model.attention_backend=sdpa"
+            ) from None
+        return sdpa_attention
+
+    def flash3_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+
+    return flash3_attention
+
+
+class ExclusiveSelfAttention(nn.Module):
+    """XSA (Zhai 2026): remove from each head's output its component along the token's own value
+    vector, y <- y - (y . v_hat) v_hat with v_hat = v / ||v||. Grouped form: the H query heads of
+    one KV head are contiguous, so y [B,T,H,D] is viewed as [B,T,Hkv,H/Hkv,D] and v_hat
+    broadcasts over the group without being repeated. No parameters."""
+
+    def forward(self, y: Tensor, v: Tensor) -> Tensor:
+        b, t, h, d = y.shape
+        hkv = v.size(2)
+        y_g = y.reshape(b, t, hkv, h // hkv, d)
+        v_hat = F.normalize(v, dim=-1, eps=1e-12).unsqueeze(3)
+        y_g = y_g - (y_g * v_hat).sum(dim=-1, keepdim=True) * v_hat
+        return y_g.reshape(b, t, h, d)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        rope_dims: int,
+        rope_base: float,
+        qk_gain_init: float,
+        *,
+        xsa: bool = False,
+        kernel: AttentionKernel = sdpa_attention,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = dim // num_heads
+        kv_dim = num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, kv_dim)
+        self.c_v = CastedLinear(dim, kv_dim)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
+        self.rotary = Rotary(rope_dims, rope_base)
+        self.xsa: nn.Module = ExclusiveSelfAttention() if xsa else Passthrough()
+        self.kernel = kernel
+
+    def forward(self, x: Tensor, value_embed: Tensor | None = None) -> Tensor:
+        """x: [B, T, dim]; value_embed: [B, T, kv_dim] added to c_v(x) (shared VE layers)."""
+        b, t, _ = x.shape
+        q = self.c_q(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.c_k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x)
+        if value_embed is not None:
+            v = v + value_embed
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = self.rotary(F.rms_norm(q, (q.size(-1),)))
+        k = self.rotary(F.rms_norm(k, (k.size(-1),)))
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = self.kernel(q, k, v)
+        y = self.xsa(y, v)
+        return self.proj(y.reshape(b, t, -1))

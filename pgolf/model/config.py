@@ -1,0 +1,134 @@
+"""Model configuration: every architectural switch of the baseline and the three record stacks.
+
+Defaults are the challenge baseline (9 x 512, 8 heads / 4 KV heads, relu^2 MLP 2x, tied
+embeddings, RoPE base 10000, softcap 30). Each technique is a field whose "off" value builds
+exactly the baseline module, so a preset file only names what it changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Names (substrings) of the small "control" tensors: they go to the scalar Adam group even when
+# 2-D (resid_mix is 2 x d) and are kept in float at export. Baseline/PR #89 use the first five;
+# PR #201 adds smear; PR #401 adds dtg_gate, ve_layer_scales and ve_shared.scale.
+CONTROL_TENSOR_PATTERNS = (
+    "attn_scale",
+    "mlp_scale",
+    "resid_mix",
+    "q_gain",
+    "skip_weight",
+    "smear",
+    "dtg_gate",
+    "ve_layer_scales",
+    "ve_shared.scale",
+    "bigram.scale",
+)
+
+
+def is_control_tensor(name: str) -> bool:
+    return any(pattern in name for pattern in CONTROL_TENSOR_PATTERNS)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    # --- shape -------------------------------------------------------------------------------
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0  # hidden = int(mlp_mult * model_dim)
+    mlp_activation: str = "relu2"  # relu2 | leaky_relu2 (LeakyReLU(slope) then square)
+    leaky_relu_slope: float = 0.5
+    tie_embeddings: bool = True
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    # --- positions -----------------------------------------------------------------------------
+    rope_base: float = 10000.0  # the submissions' NTK-scaled bases are preset values
+    rope_dims: int = 0  # rotated dims per head; 0 means all of head_dim (partial RoPE if < head_dim)
+    # --- init ----------------------------------------------------------------------------------
+    tied_embed_init_std: float = 0.005
+    embed_init: str = "normal"  # normal | overtone (spectral power-law, PR #201)
+    linear_init: str = "default"  # default (kaiming-uniform, as nn.Linear) | orthogonal (PR #162 line)
+    # --- extras of the record stacks -----------------------------------------------------------
+    smear_gate: bool = False
+    bigram_buckets: int = 0  # 0 = no BigramHash embedding
+    bigram_dim: int = 128
+    bigram_scale_init: float = 0.05
+    bigram_table_init_std: float = 0.0  # 0 = zero table (PR #401); > 0 = N(0, std^2)
+    bigram_proj_init: str = "orthogonal"  # orthogonal (scaled 1/sqrt(2L)) | zero
+    xsa_last_n: int = 0  # exclusive self-attention on the last N blocks
+    ln_scale: bool = False  # multiply block i's RMSNorm outputs by 1/sqrt(i+1)
+    ve_dim: int = 128  # width of the shared value-embedding table (used when ve_layers is set)
+    ve_layers: list[int] = field(default_factory=list)  # blocks with VE; [] = off; negatives count from the end
+    ve_scale_init: float = 0.1
+    ve_table_init_std: float = 0.01
+    doc_aware: bool = False  # SmearGate/BigramHash do not mix across BOS (off in the record presets)
+    bos_id: int = 1
+    # --- kernels -------------------------------------------------------------------------------
+    attention_backend: str = "auto"  # auto | sdpa | flash3 (flash3 needs flash_attn_interface on CUDA)
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    @property
+    def effective_rope_dims(self) -> int:
+        return self.rope_dims if self.rope_dims > 0 else self.head_dim
+
+    def resolved_ve_layers(self) -> list[int]:
+        """VE layer indices as non-negative block indices, sorted and de-duplicated."""
+        out = sorted({i % self.num_layers if i < 0 else i for i in self.ve_layers})
+        return out
+
+    def validate(self) -> None:
+        from pgolf.errors import ConfigError
+
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"model.{key}: {why}")
+
+        if self.num_layers < 1:
+            raise bad("num_layers", f"must be >= 1, got {self.num_layers}")
+        if self.model_dim % self.num_heads:
+            raise bad("model_dim", f"{self.model_dim} is not divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise bad("num_kv_heads", f"num_heads={self.num_heads} is not a multiple of {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise bad("model_dim", f"head_dim={self.head_dim} must be even for RoPE")
+        r = self.effective_rope_dims
+        if r % 2 or r > self.head_dim:
+            raise bad("rope_dims", f"must be even and <= head_dim={self.head_dim}, got {self.rope_dims}")
+        if self.logit_softcap <= 0:
+            raise bad("logit_softcap", f"must be positive, got {self.logit_softcap}")
+        if self.mlp_activation not in ("relu2", "leaky_relu2"):
+            raise bad("mlp_activation", f"must be relu2 or leaky_relu2, got {self.mlp_activation!r}")
+        if self.embed_init not in ("normal", "overtone"):
+            raise bad("embed_init", f"must be normal or overtone, got {self.embed_init!r}")
+        if self.embed_init == "overtone" and not self.tie_embeddings:
+            raise bad("embed_init", "overtone init is defined for tied embeddings only")
+        if self.linear_init not in ("default", "orthogonal"):
+            raise bad("linear_init", f"must be default or orthogonal, got {self.linear_init!r}")
+        if self.bigram_proj_init not in ("orthogonal", "zero"):
+            raise bad("bigram_proj_init", f"must be orthogonal or zero, got {self.bigram_proj_init!r}")
+        if self.bigram_buckets and self.bigram_buckets < 2:
+            raise bad("bigram_buckets", "needs at least 2 buckets (the last one is reserved), or 0 for off")
+        if not 0 <= self.xsa_last_n <= self.num_layers:
+            raise bad("xsa_last_n", f"must be in 0..num_layers={self.num_layers}, got {self.xsa_last_n}")
+        for i in self.ve_layers:
+            if not -self.num_layers <= i < self.num_layers:
+                # An out-of-range VE layer would build a table that is never used (DDP then
+                # fails on the first backward in the original scripts): refuse it up front.
+                raise bad("ve_layers", f"index {i} is outside 0..{self.num_layers - 1} (or -1..-{self.num_layers})")
+        if self.ve_layers and self.ve_dim <= 0:
+            raise bad("ve_dim", f"must be positive when ve_layers is set, got {self.ve_dim}")
+        if self.attention_backend not in ("auto", "sdpa", "flash3"):
+            raise bad("attention_backend", f"must be auto, sdpa or flash3, got {self.attention_backend!r}")

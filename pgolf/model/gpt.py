@@ -1,0 +1,235 @@
+"""The GPT of the challenge baseline, with the record stacks' techniques as build-time options.
+
+State-dict names are those of the challenge's ``train_gpt.py`` (``tok_emb.weight``,
+``skip_weights``, ``blocks.{i}.attn.c_q.weight``, ..., ``blocks.{i}.resid_mix``) and of the record
+scripts for their extras (``smear.gate``, ``bigram.embed.weight``, ``bigram.proj.weight``,
+``bigram.scale``, ``ve_shared.*``, ``ve_layer_scales.{k}``), so their checkpoints load strictly.
+
+Forward pass (ids [B, T]):
+  x = tok_emb[ids] (+ BigramHash) -> RMSNorm -> (SmearGate) = x0
+  encoder blocks 0..n_enc-1, each output pushed on a stack
+  decoder step j: x += skip_weights[j] * stack.pop() (while the stack lasts), then block n_enc+j
+  final RMSNorm -> logits = x @ E^T (tied) -> 30 * tanh(logits / 30) -> cross-entropy in fp32
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf.model.attention import AttentionKernel, CausalSelfAttention, resolve_attention_kernel, sdpa_attention
+from pgolf.model.config import ModelConfig
+from pgolf.model.embeddings import BigramHash, SharedValueEmbedding, SmearGate
+from pgolf.model.layers import CastedLinear, Passthrough, RMSNorm
+
+
+class MLP(nn.Module):
+    """fc -> relu^2 (or LeakyReLU(slope)^2) -> proj; proj starts at zero."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, leaky_slope: float):
+        super().__init__()
+        self.fc = CastedLinear(dim, hidden)
+        self.proj = CastedLinear(hidden, dim, zero_init=True)
+        self.negative_slope = leaky_slope if activation == "leaky_relu2" else 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        h = F.leaky_relu(h, self.negative_slope) if self.negative_slope else torch.relu(h)
+        return self.proj(h.square())
+
+
+class Block(nn.Module):
+    """x_in = mix0 * x + mix1 * x0; x = x_in + attn_scale * attn(norm(x_in)); x += mlp_scale * mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kernel: AttentionKernel):
+        super().__init__()
+        dim = cfg.model_dim
+        norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
+        self.attn_norm = RMSNorm(norm_scale)
+        self.mlp_norm = RMSNorm(norm_scale)
+        self.attn = CausalSelfAttention(
+            dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.effective_rope_dims,
+            cfg.rope_base,
+            cfg.qk_gain_init,
+            xsa=layer_idx >= cfg.num_layers - cfg.xsa_last_n,
+            kernel=kernel,
+        )
+        self.mlp = MLP(dim, cfg.mlp_hidden, cfg.mlp_activation, cfg.leaky_relu_slope)
+        self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
+
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
+        x = x + self.attn_scale.to(x.dtype)[None, None, :] * self.attn(self.attn_norm(x), value_embed)
+        x = x + self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self.mlp_norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, kernel: AttentionKernel | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        kernel = kernel or sdpa_attention
+        bos_id = cfg.bos_id if cfg.doc_aware else None
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.bigram: nn.Module = (
+            BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim, cfg.bigram_scale_init, bos_id)
+            if cfg.bigram_buckets > 0
+            else Passthrough()
+        )
+        self.smear: nn.Module = SmearGate(cfg.model_dim, bos_id) if cfg.smear_gate else Passthrough()
+        self.num_encoder_layers = cfg.num_layers // 2
+        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
+        num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim, dtype=torch.float32))
+        self.blocks = nn.ModuleList([Block(cfg, i, kernel) for i in range(cfg.num_layers)])
+        ve_layers = cfg.resolved_ve_layers()
+        if ve_layers:
+            self.ve_shared = SharedValueEmbedding(cfg.vocab_size, cfg.ve_dim, cfg.kv_dim, cfg.ve_scale_init)
+            self.ve_layer_scales = nn.ParameterList(
+                [nn.Parameter(torch.ones(1, dtype=torch.float32)) for _ in ve_layers]
+            )
+        # block index -> index into ve_layer_scales (or -1): fixed at build time.
+        self.ve_slot = [ve_layers.index(i) if i in ve_layers else -1 for i in range(cfg.num_layers)]
+        self.final_norm = RMSNorm()
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+        self.init_weights()
+
+    # --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every tensor (uses the global torch RNG, so the seed fixes the result).
+
+        * ``tok_emb.weight``: N(0, tied_embed_init_std^2) (0.005); with ``embed_init=overtone``
+          its spectrum is then replaced by S_k = S_1 / sqrt(k) (same singular vectors).
+        * every ``CastedLinear`` marked ``zero_init`` (``attn.proj``, ``mlp.proj``, untied
+          ``lm_head``): zeros, so each block starts as the identity on the residual stream.
+        * other ``CastedLinear`` weights (``c_q``, ``c_k``, ``c_v``, ``mlp.fc``, ``bigram.proj``,
+          ``ve_shared.proj``): ``linear_init=default``: U(+-1/sqrt(fan_in)) (nn.Linear's
+          kaiming-uniform); ``linear_init=orthogonal``: orthogonal (gain 1) when both dims >= 64,
+          and modules whose name ends in ``.proj`` are then scaled by 1/sqrt(2 * num_layers).
+          ``bigram.proj`` with ``bigram_proj_init=zero``: zeros.
+        * ``bigram.embed.weight``: zeros (PR #401), or N(0, bigram_table_init_std^2) if > 0.
+        * ``bigram.scale``: bigram_scale_init (0.05). ``smear.gate``: zeros (g = 0.5).
+        * ``ve_shared.embed.weight``: N(0, ve_table_init_std^2) (0.01); ``ve_shared.scale``:
+          ve_scale_init (0.1); ``ve_layer_scales.k``: ones.
+        * ``skip_weights``, ``attn_scale``, ``mlp_scale``: ones; ``resid_mix``: rows (ones, zeros);
+          ``q_gain``: qk_gain_init (1.5).
+        """
+        cfg = self.cfg
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
+        if cfg.embed_init == "overtone":
+            overtone_spectrum_(self.tok_emb.weight)
+        depth_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
+        for name, module in self.named_modules():
+            if not isinstance(module, CastedLinear):
+                continue
+            w = module.weight
+            if module.zero_init or (name == "bigram.proj" and cfg.bigram_proj_init == "zero"):
+                nn.init.zeros_(w)
+            elif cfg.linear_init == "orthogonal" and min(w.shape) >= 64:
+                nn.init.orthogonal_(w, gain=1.0)
+                if name.endswith(".proj") or ".proj." in name:
+                    w.mul_(depth_scale)
+            else:
+                bound = 1.0 / math.sqrt(w.size(1))
+                nn.init.uniform_(w, -bound, bound)
+        if isinstance(self.bigram, BigramHash):
+            if cfg.bigram_table_init_std > 0:
+                nn.init.normal_(self.bigram.embed.weight, std=cfg.bigram_table_init_std)
+            else:
+                nn.init.zeros_(self.bigram.embed.weight)
+            self.bigram.scale.fill_(cfg.bigram_scale_init)
+        if isinstance(self.smear, SmearGate):
+            self.smear.gate.zero_()
+        if hasattr(self, "ve_shared"):
+            nn.init.normal_(self.ve_shared.embed.weight, std=cfg.ve_table_init_std)
+            self.ve_shared.scale.fill_(cfg.ve_scale_init)
+            for p in self.ve_layer_scales:
+                p.fill_(1.0)
+        self.skip_weights.fill_(1.0)
+        for block in self.blocks:
+            block.attn_scale.fill_(1.0)
+            block.mlp_scale.fill_(1.0)
+            block.resid_mix[0].fill_(1.0)
+            block.resid_mix[1].fill_(0.0)
+            block.attn.q_gain.fill_(cfg.qk_gain_init)
+
+    # --------------------------------------------------------------------------------------------
+    def value_embeds(self, ids: Tensor, dtype: torch.dtype) -> list[Tensor | None]:
+        """Per-block value-embedding inputs (None for blocks without VE)."""
+        if not hasattr(self, "ve_shared"):
+            return [None] * len(self.blocks)
+        ve = self.ve_shared(ids, dtype)
+        return [None if k < 0 else ve * self.ve_layer_scales[k].to(dtype) for k in self.ve_slot]
+
+    def forward_hidden(self, ids: Tensor) -> Tensor:
+        """ids [B, T] -> final-normed hidden states [B, T, model_dim]."""
+        x = self.tok_emb(ids)
+        x = self.bigram(x, ids)
+        x = F.rms_norm(x, (x.size(-1),))
+        x = self.smear(x, ids)
+        x0 = x
+        value_embeds = self.value_embeds(ids, x.dtype)
+        skips: list[Tensor] = []
+        for i in range(self.num_encoder_layers):
+            x = self.blocks[i](x, x0, value_embeds[i])
+            skips.append(x)
+        for j in range(self.num_decoder_layers):
+            i = self.num_encoder_layers + j
+            if skips:
+                x = x + self.skip_weights[j].to(x.dtype)[None, None, :] * skips.pop()
+            x = self.blocks[i](x, x0, value_embeds[i])
+        return self.final_norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [..., model_dim] -> soft-capped logits [..., vocab] (fp32)."""
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, w.to(hidden.dtype)).float()
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap)
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy (nats) over all positions."""
+        logits = self.logits(self.forward_hidden(ids))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def token_nll(self, ids: Tensor, targets: Tensor, first_scored: int = 0) -> Tensor:
+        """Per-token NLL [B, T - first_scored] of positions first_scored..T-1; the LM head and the
+        cross-entropy run only on those positions."""
+        hidden = self.forward_hidden(ids)[:, first_scored:]
+        logits = self.logits(hidden)
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, first_scored:].reshape(-1), reduction="none")
+        return nll.view(hidden.shape[:2])
+
+
+def overtone_spectrum_(weight: Tensor) -> None:
+    """Replace the singular values of ``weight`` by S_1 * k^(-1/2), k = 1..r (in place)."""
+    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    k = torch.arange(1, s.numel() + 1, dtype=torch.float32, device=s.device)
+    weight.copy_((u * (s[0] * k.rsqrt())) @ vh)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> GPT:
+    """Build on CPU (the seeded init is device-independent), then move to ``device``."""
+    model = GPT(cfg, kernel=resolve_attention_kernel(cfg.attention_backend, device))
+    return model.to(device)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total and per top-level group (tok_emb, blocks, skip_weights, bigram, smear, ve_*, lm_head)."""
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        groups[top] = groups.get(top, 0) + p.numel()
+    groups = dict(sorted(groups.items()))
+    return {"total": sum(groups.values()), **groups}

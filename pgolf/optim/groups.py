@@ -1,0 +1,100 @@
+"""Which parameter goes to which optimizer, and the optimizers themselves.
+
+The rule reproduces all three submissions and the baseline:
+
+* token group (Adam/AdamW at tied_embed_lr): every ``nn.Embedding`` weight: ``tok_emb``,
+  ``bigram.embed``, ``ve_shared.embed``;
+* head group (Adam/AdamW at head_lr): an untied ``lm_head``;
+* matrix group (Muon or NorMuon at matrix_lr): every other 2-D parameter that is not a control
+  tensor: the block matrices, ``bigram.proj``, ``ve_shared.proj``;
+* scalar group (Adam/AdamW at scalar_lr): everything else: 1-D/0-D parameters and the control
+  tensors (``resid_mix`` is 2-D but a control tensor), ``skip_weights``, ``smear.gate``, scales.
+
+Adam groups are ``torch.optim.AdamW`` with ``weight_decay=adam_wd`` (0 makes it plain Adam).
+Every group records ``base_lr`` so the schedule can set ``lr = base_lr * scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pgolf.model.config import is_control_tensor
+from pgolf.optim.config import OptimConfig
+from pgolf.optim.muon import Muon, NorMuon
+
+
+@dataclass
+class ParamGroups:
+    token: list[tuple[str, nn.Parameter]]
+    head: list[tuple[str, nn.Parameter]]
+    matrix: list[tuple[str, nn.Parameter]]
+    scalar: list[tuple[str, nn.Parameter]]
+
+    def names(self) -> dict[str, list[str]]:
+        return {k: [n for n, _ in getattr(self, k)] for k in ("token", "head", "matrix", "scalar")}
+
+
+def split_parameters(model: nn.Module) -> ParamGroups:
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    head_ids = {id(head.weight)} if head is not None else set()
+    groups = ParamGroups([], [], [], [])
+    for name, p in model.named_parameters():
+        if id(p) in embedding_weights:
+            groups.token.append((name, p))
+        elif id(p) in head_ids:
+            groups.head.append((name, p))
+        elif p.ndim == 2 and not is_control_tensor(name):
+            groups.matrix.append((name, p))
+        else:
+            groups.scalar.append((name, p))
+    return groups
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig, tied_embeddings: bool, fused: bool = False) -> list[torch.optim.Optimizer]:
+    """Optimizers in step order: token Adam, (head Adam), matrix Muon/NorMuon, scalar Adam."""
+    groups = split_parameters(model)
+
+    def adam(params: list[tuple[str, nn.Parameter]], lr: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            [{"params": [p for _, p in params], "lr": lr, "base_lr": lr}],
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.adam_wd,
+            fused=fused,
+        )
+
+    token_lr = cfg.tied_embed_lr if tied_embeddings else cfg.embed_lr
+    optimizers: list[torch.optim.Optimizer] = [adam(groups.token, token_lr)]
+    if groups.head:
+        optimizers.append(adam(groups.head, cfg.head_lr))
+    matrix_params = [p for _, p in groups.matrix]
+    if cfg.matrix_optimizer == "normuon":
+        if cfg.muon_wd:
+            from pgolf.errors import ConfigError
+
+            raise ConfigError("optim.muon_wd is not supported with optim.matrix_optimizer=normuon (PR #89 has no WD)")
+        matrix_opt: torch.optim.Optimizer = NorMuon(
+            matrix_params, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, beta2=cfg.normuon_beta2, backend_steps=cfg.muon_backend_steps
+        )
+    else:
+        matrix_opt = Muon(
+            matrix_params,
+            lr=cfg.matrix_lr,
+            momentum=cfg.muon_momentum,
+            backend_steps=cfg.muon_backend_steps,
+            nesterov=cfg.muon_nesterov,
+            weight_decay=cfg.muon_wd,
+        )
+    for group in matrix_opt.param_groups:
+        group["base_lr"] = cfg.matrix_lr
+    optimizers.append(matrix_opt)
+    optimizers.append(adam(groups.scalar, cfg.scalar_lr))
+    return optimizers
+
+
+def matrix_optimizer(optimizers: list[torch.optim.Optimizer]) -> torch.optim.Optimizer:
+    return next(o for o in optimizers if isinstance(o, (Muon, NorMuon)))

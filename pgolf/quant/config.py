@@ -1,0 +1,96 @@
+"""Export (quantisation + compression) configuration.
+
+Each state-dict tensor gets exactly one storage *format*, chosen in this order:
+
+1. the first ``name_formats`` entry whose pattern occurs in the name (``"pattern=format"``);
+2. non-float tensors: stored as they are;
+3. control tensors (``control_patterns``): ``control_format`` (fp32 keeps them exact; PR #201/#401
+   meant fp32 but stored fp16 because of an ordering bug);
+4. ``tok_emb`` / ``lm_head``: ``embed_format``;
+5. tensors with at most ``small_numel`` elements: ``small_format``;
+6. by category: ``.mlp.`` -> ``mlp_format``; ``.attn.`` or ``.proj.`` -> ``attn_format``;
+   anything else (bigram / value-embedding tables) -> ``other_format``.
+
+A format is ``fp32``, ``fp16``, ``bf16`` or ``int<N>[:<clip>][:<grid>]`` with N in 2..8, clip
+``q`` (per-row 0.9999984 quantile, the submissions' "percentile" clip), ``max`` (row max) or
+``search`` (per-row clip search, "GPTQ-lite" done per row as the record claimed), and grid ``sym``
+([-(2^(N-1)-1), 2^(N-1)-1]) or ``full`` ([-2^(N-1), 2^(N-1)-1], PR #201/#401's int6).
+Defaults reproduce the challenge baseline: int8 per-row with the quantile clip, fp16 passthrough of
+small tensors, fp32 control tensors, zlib level 9.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pgolf.model.config import CONTROL_TENSOR_PATTERNS
+
+
+@dataclass(kw_only=True)
+class QuantConfig:
+    embed_format: str = "int8:q:sym"
+    attn_format: str = "int8:q:sym"
+    mlp_format: str = "int8:q:sym"
+    other_format: str = "int8:q:sym"
+    small_format: str = "fp16"
+    control_format: str = "fp32"
+    small_numel: int = 65_536
+    control_patterns: list[str] = field(default_factory=lambda: list(CONTROL_TENSOR_PATTERNS))
+    name_formats: list[str] = field(default_factory=list)  # "pattern=format", first match wins
+    clip_quantile: float = 0.9999984
+    scale_floor: float = -1.0  # -1: 1/qmax, the submissions' floor; 0: none (1e-12 guard)
+    scale_dtype: str = "fp16"
+    # Storage of the integer values: int8 (one per byte, as the submissions), bitpack (N bits
+    # each), entropy (range-coded with per-row statistics), or auto (smallest per tensor).
+    packing: str = "int8"
+    # Byte-level compressor: zlib-9 (baseline), zstd-22 (records; required, never a fallback),
+    # lzma, brotli, none, or auto (smallest per tensor, recorded in the artifact).
+    codec: str = "zlib-9"
+    # Quantisation-aware training: off | always (PR #89) | late (switch on when LR scale < threshold).
+    qat: str = "off"
+    qat_threshold: float = 0.15
+    # GPTQ: off | full (Hessian from calibration activations, Cholesky error feedback).
+    gptq: str = "off"
+    gptq_calib_source: str = "train"  # train | self (self-generated sequences); never validation
+    gptq_calib_seqs: int = 64
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01
+    budget_bytes: int = 16_000_000  # decimal, code + compressed model
+
+    def validate(self) -> None:
+        from pgolf.errors import ConfigError
+
+        from pgolf.quant.formats import parse_format
+
+        for key in ("embed_format", "attn_format", "mlp_format", "other_format", "small_format", "control_format"):
+            try:
+                parse_format(getattr(self, key))
+            except ValueError as exc:
+                raise ConfigError(f"quant.{key}: {exc}") from None
+        for entry in self.name_formats:
+            pattern, sep, fmt = entry.partition("=")
+            if not sep or not pattern:
+                raise ConfigError(f"quant.name_formats: entry {entry!r} must look like 'pattern=format'")
+            try:
+                parse_format(fmt)
+            except ValueError as exc:
+                raise ConfigError(f"quant.name_formats: {entry!r}: {exc}") from None
+        if self.qat not in ("off", "always", "late"):
+            raise ConfigError(f"quant.qat: must be off, always or late, got {self.qat!r}")
+        if self.gptq not in ("off", "full"):
+            raise ConfigError(f"quant.gptq: must be off or full, got {self.gptq!r}")
+        if self.gptq_calib_source not in ("train", "self"):
+            raise ConfigError(
+                f"quant.gptq_calib_source: must be train or self, got {self.gptq_calib_source!r} "
+                "(validation tokens can never be used for calibration)"
+            )
+        if self.packing not in ("int8", "bitpack", "entropy", "auto"):
+            raise ConfigError(f"quant.packing: must be int8, bitpack, entropy or auto, got {self.packing!r}")
+        if self.scale_dtype not in ("fp16", "fp32", "bf16"):
+            raise ConfigError(f"quant.scale_dtype: must be fp16, bf16 or fp32, got {self.scale_dtype!r}")
+        if self.budget_bytes <= 0:
+            raise ConfigError(f"quant.budget_bytes: must be positive, got {self.budget_bytes}")
+        from pgolf.quant.codecs import CODEC_NAMES
+
+        if self.codec not in CODEC_NAMES + ("auto",):
+            raise ConfigError(f"quant.codec: must be one of {', '.join(CODEC_NAMES + ('auto',))}, got {self.codec!r}")

@@ -1,0 +1,131 @@
+"""State dict <-> quantised tensors, following a QuantConfig's format policy.
+
+``quantize_state_dict`` decides one format per tensor (see ``pgolf.quant.config`` for the order of
+the rules), quantises it, and returns ``QTensor`` records; ``dequantize_state_dict`` turns them
+back into a state dict in each tensor's original dtype, ready for ``load_state_dict(strict=True)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pgolf.quant.config import QuantConfig
+from pgolf.quant.formats import FLOAT_FORMATS, dequantize_rows, parse_format, quantize_rows
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class QTensor:
+    """One stored tensor. ``fmt`` is a format spec (``int6:max:full``, ``fp16``, ...) or ``raw``
+    (non-float, stored as is). ``values`` is an int8 [R, C] tensor for integer formats and the
+    stored-dtype tensor otherwise; ``scale`` is the per-row scale [R] for integer formats."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    fmt: str
+    values: Tensor
+    scale: Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def bits(self) -> int:
+        return parse_format(self.fmt).bits if self.fmt.startswith("int") else 0
+
+
+def category(name: str) -> str:
+    """PR #201's categories: embed (tok_emb/lm_head), mlp, attn (also any '.proj.'), other."""
+    if "tok_emb" in name or "lm_head" in name:
+        return "embed"
+    if ".mlp." in name:
+        return "mlp"
+    if ".attn." in name or ".proj." in name:
+        return "attn"
+    return "other"
+
+
+def choose_format(name: str, t: Tensor, cfg: QuantConfig) -> str:
+    for entry in cfg.name_formats:
+        pattern, _, fmt = entry.partition("=")
+        if pattern in name:
+            return fmt
+    if not t.is_floating_point():
+        return "raw"
+    if any(p in name for p in cfg.control_patterns):
+        return cfg.control_format
+    cat = category(name)
+    if cat == "embed":
+        return cfg.embed_format
+    if t.numel() <= cfg.small_numel:
+        return cfg.small_format
+    return {"mlp": cfg.mlp_format, "attn": cfg.attn_format}.get(cat, cfg.other_format)
+
+
+def quantize_tensor(name: str, t: Tensor, fmt_spec: str, cfg: QuantConfig) -> QTensor:
+    t = t.detach().cpu()
+    shape = tuple(t.shape)
+    if fmt_spec == "raw":
+        return QTensor(name, shape, dtype_name(t.dtype), "raw", t.contiguous())
+    fmt = parse_format(fmt_spec)
+    if fmt.kind == "float":
+        return QTensor(name, shape, dtype_name(t.dtype), fmt.spec(), t.to(fmt.float_dtype).contiguous())
+    q, scale = quantize_rows(
+        t, fmt, clip_quantile=cfg.clip_quantile, scale_floor=cfg.scale_floor, scale_dtype=FLOAT_FORMATS[cfg.scale_dtype]
+    )
+    return QTensor(name, shape, dtype_name(t.dtype), fmt.spec(), q.contiguous(), scale.contiguous())
+
+
+def quantize_state_dict(state_dict: dict[str, Tensor], cfg: QuantConfig) -> list[QTensor]:
+    return [quantize_tensor(name, t, choose_format(name, t, cfg), cfg) for name, t in state_dict.items()]
+
+
+def dequantize_tensor(qt: QTensor) -> Tensor:
+    dtype = TORCH_DTYPES[qt.dtype]
+    if qt.fmt == "raw":
+        return qt.values.reshape(qt.shape).to(dtype)
+    if qt.scale is None:
+        return qt.values.reshape(qt.shape).to(dtype)
+    return dequantize_rows(qt.values, qt.scale, qt.shape, dtype)
+
+
+def dequantize_state_dict(qtensors: list[QTensor]) -> dict[str, Tensor]:
+    return {qt.name: dequantize_tensor(qt) for qt in qtensors}
+
+
+def roundtrip_errors(state_dict: dict[str, Tensor], qtensors: list[QTensor]) -> dict[str, dict[str, float]]:
+    """Per tensor: relative RMS error and max abs error of the quantise/dequantise round trip."""
+    out = {}
+    for qt in qtensors:
+        ref = state_dict[qt.name].detach().float().cpu()
+        if not ref.is_floating_point() or ref.numel() == 0:
+            continue
+        err = dequantize_tensor(qt).float() - ref
+        denom = ref.square().mean().sqrt().item()
+        out[qt.name] = {
+            "fmt": qt.fmt,
+            "rel_rms": err.square().mean().sqrt().item() / denom if denom > 0 else 0.0,
+            "max_abs": err.abs().max().item(),
+        }
+    return out

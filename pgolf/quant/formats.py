@@ -1,0 +1,136 @@
+"""Storage formats and per-row integer quantisation.
+
+A format string is ``fp32`` / ``fp16`` / ``bf16`` (float passthrough) or
+``int<N>[:<clip>][:<grid>]``: N-bit integers with one scale per row (per tensor for 1-D).
+
+* clip ``q``: the row's 0.9999984 quantile of |w| (the submissions' "percentile" clip; with
+  <= 1536 entries per row this is essentially the row max); ``max``: the row max; ``search``:
+  per row, the candidate clip (a ladder of quantiles) with the smallest squared error.
+* grid ``sym``: q in [-(2^(N-1)-1), 2^(N-1)-1]; ``full``: q in [-2^(N-1), 2^(N-1)-1].
+* scale s = max(clip / qmax, floor), stored in the scale dtype (fp16 by default); the values are
+  quantised with the *stored* scale, q = clamp(round(clamp(w, +-clip) / s), qmin, qmax), so
+  dequantisation (q * s) reproduces exactly what the quantiser measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FLOAT_FORMATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CLIP_RULES = ("q", "max", "search")
+GRIDS = ("sym", "full")
+# Candidate clip quantiles for the per-row search ("GPTQ-lite" as the record described it).
+SEARCH_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+
+
+@dataclass(frozen=True)
+class Format:
+    kind: str  # "float" | "int"
+    float_dtype: torch.dtype | None = None
+    bits: int = 0
+    clip: str = "q"
+    grid: str = "sym"
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def qmin(self) -> int:
+        return -self.qmax - (1 if self.grid == "full" else 0)
+
+    def spec(self) -> str:
+        if self.kind == "float":
+            return next(k for k, v in FLOAT_FORMATS.items() if v == self.float_dtype)
+        return f"int{self.bits}:{self.clip}:{self.grid}"
+
+
+def parse_format(spec: str) -> Format:
+    """Parse a format string; ValueError with the accepted grammar on anything else."""
+    spec = spec.strip().lower()
+    if spec in FLOAT_FORMATS:
+        return Format("float", float_dtype=FLOAT_FORMATS[spec])
+    parts = spec.split(":")
+    head = parts[0]
+    grammar = "expected fp32, fp16, bf16 or int<N>[:q|max|search][:sym|full] with N in 2..8"
+    if not head.startswith("int") or not head[3:].isdigit():
+        raise ValueError(f"unknown format {spec!r}: {grammar}")
+    bits = int(head[3:])
+    if not 2 <= bits <= 8:
+        raise ValueError(f"format {spec!r}: N must be in 2..8 ({grammar})")
+    clip, grid = "q", "sym"
+    for part in parts[1:]:
+        if part in CLIP_RULES:
+            clip = part
+        elif part in GRIDS:
+            grid = part
+        else:
+            raise ValueError(f"format {spec!r}: unknown option {part!r} ({grammar})")
+    return Format("int", bits=bits, clip=clip, grid=grid)
+
+
+def row_quantile(abs_rows: Tensor, q: float) -> Tensor:
+    """Per-row linear-interpolated quantile of a 2-D tensor (as torch.quantile, without its size
+    limit). q = 1 gives the row max."""
+    n = abs_rows.size(1)
+    if q >= 1.0 or n == 1:
+        return abs_rows.amax(dim=1)
+    sorted_rows = abs_rows.sort(dim=1).values
+    pos = q * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    return sorted_rows[:, lo] + (sorted_rows[:, hi] - sorted_rows[:, lo]) * frac
+
+
+def _scale_floor(fmt: Format, scale_floor: float) -> float:
+    if scale_floor < 0:
+        return 1.0 / fmt.qmax
+    return max(scale_floor, 1e-12)
+
+
+def quantize_with_clip(rows: Tensor, clip: Tensor, fmt: Format, scale_floor: float, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """rows [R, C] fp32, clip [R] -> (q int8 [R, C], stored scale [R] in scale_dtype)."""
+    scale = (clip / fmt.qmax).clamp_min(_scale_floor(fmt, scale_floor)).to(scale_dtype)
+    s = scale.float()[:, None]
+    clipped = torch.maximum(torch.minimum(rows, clip[:, None]), -clip[:, None])
+    q = torch.clamp(torch.round(clipped / s), fmt.qmin, fmt.qmax).to(torch.int8)
+    return q, scale
+
+
+def quantize_rows(
+    w: Tensor,
+    fmt: Format,
+    *,
+    clip_quantile: float = 0.9999984,
+    scale_floor: float = -1.0,
+    scale_dtype: torch.dtype = torch.float16,
+) -> tuple[Tensor, Tensor]:
+    """Quantise a tensor row-wise (a 1-D tensor is one row). Returns (q int8 with w's row layout
+    [R, C], scale [R])."""
+    assert fmt.kind == "int"
+    rows = w.detach().float().reshape(w.shape[0], -1) if w.ndim >= 2 else w.detach().float().reshape(1, -1)
+    absw = rows.abs()
+    if fmt.clip == "search":
+        best_q = best_s = best_err = None
+        for cq in SEARCH_QUANTILES:
+            q, s = quantize_with_clip(rows, row_quantile(absw, cq), fmt, scale_floor, scale_dtype)
+            err = (q.float() * s.float()[:, None] - rows).square().sum(dim=1)
+            if best_err is None:
+                best_q, best_s, best_err = q, s, err
+            else:
+                better = err < best_err
+                best_q = torch.where(better[:, None], q, best_q)
+                best_s = torch.where(better, s, best_s)
+                best_err = torch.minimum(err, best_err)
+        return best_q, best_s
+    clip = row_quantile(absw, clip_quantile if fmt.clip == "q" else 1.0)
+    return quantize_with_clip(rows, clip, fmt, scale_floor, scale_dtype)
+
+
+def dequantize_rows(q: Tensor, scale: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Inverse of quantize_rows: q [R, C] * scale [R] reshaped to ``shape``."""
+    return (q.float() * scale.float()[:, None]).reshape(shape).to(dtype)

@@ -1,0 +1,157 @@
+"""The artifact as the metric: quantise, compress, write atomically, count bytes against the
+budget, and reload from disk into a fresh model.
+
+The budget is decimal (16,000,000 bytes by default) and covers code bytes + model bytes. A run
+over budget still writes everything (the artifact, logs, summary) and then fails with a clear
+error; nothing is ever silently shrunk or recompressed with another codec.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pgolf.errors import ArtifactError, BudgetExceededError
+from pgolf.model.config import ModelConfig
+from pgolf.quant.config import QuantConfig
+from pgolf.quant.container import ChunkPlan, encode_artifact, read_artifact, write_bytes_atomic
+from pgolf.quant.export import QTensor, dequantize_state_dict, quantize_state_dict
+
+ARTIFACT_NAME = "final_model.pgolf"
+ARTIFACT_FORMAT = "pgolf-artifact"
+
+
+@dataclass
+class ArtifactReport:
+    path: str
+    model_bytes: int
+    code_bytes: int
+    budget_bytes: int
+    payload_bytes: int  # uncompressed tensor bytes
+    codec: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.model_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "artifact_bytes": self.total_bytes, "fits": self.fits}
+
+
+def artifact_meta(model_cfg: ModelConfig, extra: dict | None = None) -> dict:
+    import pgolf
+
+    return {"format": ARTIFACT_FORMAT, "pgolf": pgolf.__version__, "model": asdict(model_cfg), **(extra or {})}
+
+
+def payload_bytes(qtensors: list[QTensor]) -> int:
+    total = 0
+    for qt in qtensors:
+        total += qt.values.numel() * qt.values.element_size()
+        if qt.scale is not None:
+            total += qt.scale.numel() * qt.scale.element_size()
+    return total
+
+
+def build_artifact(
+    state_dict: dict[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    qcfg: QuantConfig,
+    path: str | Path,
+    *,
+    code_bytes: int,
+    meta_extra: dict | None = None,
+) -> tuple[ArtifactReport, list[QTensor]]:
+    """Quantise ``state_dict`` by ``qcfg``, write the container to ``path`` atomically."""
+    cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    qtensors = quantize_state_dict(cpu_state, qcfg)
+    blob = encode_artifact(qtensors, artifact_meta(model_cfg, meta_extra), ChunkPlan(default_codec=qcfg.codec))
+    write_bytes_atomic(path, blob)
+    report = ArtifactReport(str(path), len(blob), code_bytes, qcfg.budget_bytes, payload_bytes(qtensors), qcfg.codec)
+    return report, qtensors
+
+
+def check_budget(report: ArtifactReport) -> None:
+    if not report.fits:
+        over = report.total_bytes - report.budget_bytes
+        raise BudgetExceededError(
+            f"{report.path}: artifact is {report.total_bytes:,} bytes (code {report.code_bytes:,} + model "
+            f"{report.model_bytes:,}), {over:,} over the {report.budget_bytes:,}-byte budget; shrink the model, use "
+            "fewer bits (quant.*_format) or a stronger codec (quant.codec)"
+        )
+
+
+def load_artifact_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, dequantised state dict) of an artifact file; never executes code."""
+    meta, qtensors = read_artifact(path)
+    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or "model" not in meta:
+        raise ArtifactError(f"{path}: artifact metadata does not describe a pgolf model")
+    return meta, dequantize_state_dict(qtensors)
+
+
+def model_config_from_meta(meta: dict, source: str) -> ModelConfig:
+    from pgolf.config import RunConfig, apply_table
+
+    cfg = RunConfig()
+    try:
+        apply_table(cfg, {"model": meta["model"]}, f"{source} metadata")
+    except ValueError as exc:
+        raise ArtifactError(f"{source}: {exc}") from None
+    return cfg.model
+
+
+def load_artifact_model(path: str | Path, device: torch.device | str = "cpu", attention_backend: str | None = None):
+    """A fresh GPT built from the artifact's own config, loaded strictly with its weights."""
+    from pgolf.model.gpt import build_model
+
+    meta, state = load_artifact_state(path)
+    model_cfg = model_config_from_meta(meta, str(path))
+    if attention_backend:
+        model_cfg.attention_backend = attention_backend
+    model = build_model(model_cfg, device)
+    expected = dict(model.state_dict())
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(f"{path}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ArtifactError(f"{path}: {name} has shape {tuple(t.shape)}, the model needs {tuple(expected[name].shape)}")
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            p.copy_(state[name].to(device=p.device, dtype=p.dtype))
+    return model, meta
+
+
+_NOT_SUBMITTED = (
+    "pgolf.cli",
+    "pgolf.submit.bundle",
+    "pgolf.submit.record",
+    "pgolf.submit.audit",
+    "pgolf.submit.stats",
+    "pgolf.data.prepare",
+    "pgolf.data.fetch",
+    "pgolf.data.demo",
+    "pgolf.data.manifest",
+)
+
+
+def package_code_bytes() -> int:
+    """Upper bound on the code a submission of this run needs: the bytes of every pgolf source
+    module loaded for training, minus the command-line and submission tooling. ``pgolf bundle``
+    produces the real single file, usually far smaller."""
+    total = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("pgolf") or name.startswith(_NOT_SUBMITTED):
+            continue
+        file = getattr(module, "__file__", None)
+        if file and file.endswith(".py"):
+            total += Path(file).stat().st_size
+    return total

@@ -1,0 +1,81 @@
+"""Training-loop and weight-averaging configuration.
+
+Defaults are the challenge baseline's loop: 524,288 tokens per step at seq 1024, a 600 s
+wallclock cap with a wallclock-based linear warmdown, 20 compile warm-up steps whose effect is
+rolled back, grad accumulation so that one GPU reproduces the 8-GPU batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    seed: int = 1337
+    iterations: int = 20000
+    train_batch_tokens: int = 524_288  # global tokens per optimizer step
+    train_seq_len: int = 1024
+    grad_accum_base: int = 8  # grad_accum_steps = grad_accum_base // world_size
+    max_wallclock_seconds: float = 600.0  # <= 0: iteration-based warmdown, no cap
+    warmdown_iters: int = 1200
+    warmup_steps: int = 20  # compile/priming steps, rolled back afterwards; skipped when compile is off
+    val_loss_every: int = 0  # 0 = validate only at the end
+    train_log_every: int = 200
+    compile: str = "auto"  # auto (on for CUDA) | on | off
+    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    embed_dtype: str = "auto"  # auto (bf16 on CUDA as in the scripts, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 = torch default
+    progress: bool = True  # tqdm bar on rank 0
+    save_raw: bool = True  # also write the unquantised weights (final_model.raw.pgolf) for re-exports
+
+    def validate(self) -> None:
+        from pgolf.errors import ConfigError
+
+        for key in ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_base"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        for key, allowed in (
+            ("compile", ("auto", "on", "off")),
+            ("autocast", ("auto", "bf16", "off")),
+            ("embed_dtype", ("auto", "bf16", "fp32")),
+            ("device", ("auto", "cpu", "cuda")),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"train.{key}: must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+
+
+@dataclass(kw_only=True)
+class AveragingConfig:
+    """Weight averaging. ``export`` picks which weights are quantised and shipped.
+
+    * ``raw``: the live weights at the last step.
+    * ``ema``: an fp32 shadow updated after every optimizer step (PR #201's "LAWA-EMA").
+    * ``swa``: the uniform mean of snapshots taken every ``swa_every`` steps once the LR scale
+      is below ``swa_start_scale``; ``swa_source`` says whether a snapshot is of the raw weights
+      (PR #89) or of the EMA (PR #401's "tight SWA"). With fewer than two snapshots the export
+      falls back to the source weights, as the submissions do.
+    """
+
+    ema_decay: float = 0.0  # 0 = no EMA
+    swa_every: int = 0  # 0 = no SWA
+    swa_start_scale: float = 0.5
+    swa_source: str = "raw"  # raw | ema
+    export: str = "raw"  # raw | ema | swa
+
+    def validate(self) -> None:
+        from pgolf.errors import ConfigError
+
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"avg.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.swa_source not in ("raw", "ema"):
+            raise ConfigError(f"avg.swa_source: must be raw or ema, got {self.swa_source!r}")
+        if self.export not in ("raw", "ema", "swa"):
+            raise ConfigError(f"avg.export: must be raw, ema or swa, got {self.export!r}")
+        if self.export == "ema" and self.ema_decay == 0:
+            raise ConfigError("avg.export=ema needs avg.ema_decay > 0")
+        if self.export == "swa" and self.swa_every <= 0:
+            raise ConfigError("avg.export=swa needs avg.swa_every > 0")
+        if self.swa_source == "ema" and self.swa_every > 0 and self.ema_decay == 0:
+            raise ConfigError("avg.swa_source=ema needs avg.ema_decay > 0")

@@ -1,0 +1,85 @@
+"""Self-describing run outputs: ``log.txt`` (human ``key:value`` lines, the challenge's final-line
+names) and ``metrics.jsonl`` (one JSON object per event), written by rank 0 only.
+
+The log opens with the resolved config, library versions and hardware, so a log file alone says
+what produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    for mod in ("numpy", "sentencepiece", "zstandard", "brotli", "constriction"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional library is just "absent" here
+            info[mod] = "absent"
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["gpu_count"] = torch.cuda.device_count()
+    try:
+        import pgolf
+
+        info["pgolf"] = pgolf.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+class RunLogger:
+    """Writes to ``run_dir/log.txt`` and ``run_dir/metrics.jsonl`` when ``enabled`` (rank 0)."""
+
+    def __init__(self, run_dir: Path | None, enabled: bool = True, echo: bool = True):
+        self.enabled = enabled and run_dir is not None
+        self.echo = echo and enabled
+        self.run_dir = run_dir
+        self.t0 = time.time()
+        if self.enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._log = open(run_dir / "log.txt", "a", encoding="utf-8")
+            self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def log(self, msg: str, console: bool = True) -> None:
+        if self.echo and console:
+            print(msg, flush=True)
+        if self.enabled:
+            self._log.write(msg + "\n")
+            self._log.flush()
+
+    def metric(self, event: str, **values: Any) -> None:
+        if self.enabled:
+            record = {"event": event, "time": round(time.time() - self.t0, 3), **values}
+            self._metrics.write(json.dumps(record, default=float) + "\n")
+            self._metrics.flush()
+
+    def header(self, config: dict[str, Any], env: dict[str, Any]) -> None:
+        self.log("=" * 100, console=False)
+        self.log("config:" + json.dumps(config, sort_keys=True), console=False)
+        for k, v in env.items():
+            self.log(f"env_{k}:{v}", console=False)
+        self.log("=" * 100, console=False)
+        self.metric("config", config=config, env=env)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._log.close()
+            self._metrics.close()

@@ -1,0 +1,442 @@
+"""One training run, end to end: data, model, optimizers, the wallclock-capped loop, averaging,
+the artifact (quantise, compress, write, reload into a fresh model) and the final evaluations.
+
+Order of one step (PR #401's order; the baseline is the same minus averaging and QAT):
+  scale = lr_scale(training time); late QAT may switch on; forward/backward over grad-accum
+  micro-batches (DDP syncs on the last); Muon momentum warm-up; lr = base_lr * scale; clip the
+  global grad norm; step every optimizer; EMA/SWA; log; all-ranks "reached the cap" flag.
+Validation time is excluded from the training clock, as is the compile warm-up, whose 20 steps
+are rolled back (model, optimizer state and data loader) before the clock starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pgolf.config import RunConfig, to_dict
+from pgolf.data.loader import DistributedTokenLoader
+from pgolf.data.shards import resolve_shards
+from pgolf.errors import ConfigError, UserError
+from pgolf.eval.bpb import build_byte_lut
+from pgolf.eval.standard import evaluate_standard, load_validation_tokens
+from pgolf.model.gpt import build_model, count_parameters
+from pgolf.optim.groups import build_optimizers, matrix_optimizer
+from pgolf.optim.schedule import lr_scale, muon_momentum
+from pgolf.train.averaging import WeightAverager
+from pgolf.train.distributed import DistContext, all_reduce_max_flag, barrier, init_distributed, seed_everything, shutdown_distributed
+from pgolf.train.logger import RunLogger, environment_info
+from pgolf.train.setup import apply_precision, autocast_dtype, configure_backends, maybe_compile, use_compile
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run folder and prove it is writable before any work starts."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror}); choose another --out") from None
+
+
+def resolve_data(cfg: RunConfig):
+    """Training shards, validation shards and the tokenizer, each checked (clear errors)."""
+    from pgolf.data.tokenizer import load_tokenizer
+
+    data_dir = Path(cfg.data.path)
+    train_files = resolve_shards(data_dir, cfg.data.train_glob, "training")
+    val_files = resolve_shards(data_dir, cfg.data.val_glob, "validation")
+    overlap = set(train_files) & set(val_files)
+    if overlap:
+        raise ConfigError(f"data.train_glob and data.val_glob both match {sorted(overlap)[0]}: validation tokens never train")
+    if cfg.data.tokenizer:
+        tok_path = Path(cfg.data.tokenizer)
+    else:
+        from pgolf.data.manifest import tokenizer_path_for
+
+        tok_path = tokenizer_path_for(data_dir)
+    sp = load_tokenizer(tok_path, cfg.model.vocab_size)
+    return train_files, val_files, tok_path, sp
+
+
+def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
+    base = cfg.train.grad_accum_base
+    if base % world_size and world_size % base:
+        raise ConfigError(f"train.grad_accum_base={base} must be a multiple of the world size {world_size}")
+    accum = max(base // world_size, 1)
+    per_micro = cfg.train.train_batch_tokens // (world_size * accum)
+    if cfg.train.train_batch_tokens % (world_size * accum) or per_micro % cfg.train.train_seq_len:
+        raise ConfigError(
+            f"train.train_batch_tokens={cfg.train.train_batch_tokens} must split into whole sequences of "
+            f"{cfg.train.train_seq_len} over {world_size} rank(s) x {accum} micro-steps"
+        )
+    return accum
+
+
+def quant_label(cfg: RunConfig) -> str:
+    """Name used in the final log lines, following the challenge scripts: int8_zlib (baseline),
+    int6 (PR #201/#401 style), ..."""
+    from pgolf.quant.formats import parse_format
+
+    fmt = parse_format(cfg.quant.mlp_format)
+    base = f"int{fmt.bits}" if fmt.kind == "int" else fmt.spec()
+    return base + ("_zlib" if cfg.quant.codec == "zlib-9" else "")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path | None, ctx: DistContext, logger: RunLogger):
+        self.cfg, self.run_dir, self.ctx, self.logger = cfg, run_dir, ctx, logger
+        self.device = ctx.device
+        self.amp_dtype = autocast_dtype(cfg.train, self.device)
+        self.accum = grad_accum_steps(cfg, ctx.world_size)
+
+    # --------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        seed_everything(cfg.train.seed)
+        self.base_model = build_model(cfg.model, self.device)
+        apply_precision(self.base_model, cfg.train, self.device)
+        from pgolf.quant.qat import attach_qat
+
+        self.qat = attach_qat(self.base_model, cfg.quant)
+        self.compiled = use_compile(cfg.train, self.device)
+        model: nn.Module = maybe_compile(self.base_model, self.compiled)
+        if ctx.distributed:
+            model = DDP(model, device_ids=[ctx.local_rank] if self.device.type == "cuda" else None, broadcast_buffers=False)
+        self.model = model
+        self.optimizers = build_optimizers(self.base_model, cfg.optim, cfg.model.tie_embeddings, fused=self.device.type == "cuda")
+        self.muon = matrix_optimizer(self.optimizers)
+
+    def make_loader(self) -> DistributedTokenLoader:
+        return DistributedTokenLoader(self.train_files, self.ctx.rank, self.ctx.world_size, self.device, self.cfg.data.val_glob)
+
+    # --------------------------------------------------------------------------------------------
+    def train_step(self, loader: DistributedTokenLoader) -> torch.Tensor:
+        """Forward/backward over the micro-batches of one step; returns the mean loss (tensor)."""
+        cfg = self.cfg
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            if self.ctx.distributed:
+                self.model.require_backward_grad_sync = micro == self.accum - 1
+            x, y = loader.next_batch(cfg.train.train_batch_tokens, cfg.train.train_seq_len, self.accum)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss = self.model(x, y)
+            (loss / self.accum).backward()
+            total += loss.detach()
+        return total / self.accum
+
+    def optimizer_step(self, step: int, scale: float) -> None:
+        o = self.cfg.optim
+        momentum = muon_momentum(step, start=o.muon_momentum_warmup_start, end=o.muon_momentum, warmup_steps=o.muon_momentum_warmup_steps)
+        for group in self.muon.param_groups:
+            group["momentum"] = momentum
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        if o.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.base_model.parameters(), o.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def compile_warmup(self) -> float:
+        """Prime the compiled graphs on real batches, then restore model, optimizers and loader."""
+        steps = self.cfg.train.warmup_steps
+        if not self.compiled or steps <= 0:
+            return 0.0
+        t0 = time.perf_counter()
+        model_state = {k: v.detach().cpu().clone() for k, v in self.base_model.state_dict().items()}
+        opt_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        loader = self.make_loader()
+        for i in range(steps):
+            self.train_step(loader)
+            for opt in self.optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            self.logger.log(f"warmup_step:{i + 1}/{steps}")
+        self.base_model.load_state_dict(model_state, strict=True)
+        for opt, state in zip(self.optimizers, opt_states):
+            opt.load_state_dict(state)
+        if self.ctx.distributed:
+            self.model.require_backward_grad_sync = True
+        return time.perf_counter() - t0
+
+    # --------------------------------------------------------------------------------------------
+    def validate(self, model_for_eval, progress: bool = True):
+        cfg = self.cfg
+        was_training = model_for_eval.training
+        model_for_eval.eval()
+        res = evaluate_standard(
+            model_for_eval.token_nll,
+            self.val_tokens,
+            cfg.eval_seq_len,
+            self.lut,
+            batch_tokens=cfg.eval.val_batch_tokens,
+            device=self.device,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            autocast_dtype=self.amp_dtype,
+            progress=progress and cfg.train.progress and self.ctx.is_main,
+        )
+        model_for_eval.train(was_training)
+        return res
+
+    def loop(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        cap_ms = 1000.0 * t.max_wallclock_seconds if t.max_wallclock_seconds > 0 else None
+        loader = self.make_loader()
+        self.averager = WeightAverager(cfg.avg, self.base_model)
+        if self.qat is not None and self.qat.active:
+            self.logger.log(f"qat:always_on linears:{len(self.qat.quantizers)}")
+        bar = _train_bar(t, self.ctx.is_main)
+        train_ms = 0.0
+        stop_after: int | None = None
+        step = 0
+        last_loss = float("nan")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while True:
+            last = step == t.iterations or (stop_after is not None and step >= stop_after)
+            if last or (t.val_loss_every > 0 and step % t.val_loss_every == 0):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                train_ms += 1000.0 * (time.perf_counter() - t0)
+                res = self.validate(self.base_model, progress=False)
+                self.logger.log(
+                    f"step:{step}/{t.iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
+                )
+                self.logger.metric("val", step=step, val_loss=res.val_loss, val_bpb=res.val_bpb, train_time_ms=train_ms)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            if last:
+                if stop_after is not None and step < t.iterations:
+                    self.logger.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{t.iterations}")
+                break
+            elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            scale = lr_scale(step, elapsed_ms, iterations=t.iterations, warmdown_iters=t.warmdown_iters, max_wallclock_ms=cap_ms)
+            if self.qat is not None:
+                msg = self.qat.update(scale, step)
+                if msg:
+                    self.logger.log(msg)
+            loss = self.train_step(loader)
+            self.optimizer_step(step, scale)
+            step += 1
+            msg = self.averager.after_step(self.base_model, step, scale)
+            if msg:
+                self.logger.log(msg)
+            approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            log_now = t.train_log_every > 0 and (step <= 10 or step % t.train_log_every == 0 or stop_after is not None)
+            if log_now or bar is not None:
+                last_loss = loss.item()
+                if not math.isfinite(last_loss):
+                    raise RuntimeError(f"training diverged: loss is {last_loss} at step {step}")
+            if log_now:
+                self.logger.log(
+                    f"step:{step}/{t.iterations} train_loss:{last_loss:.4f} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms"
+                )
+                self.logger.metric("train", step=step, train_loss=last_loss, lr_scale=scale, train_time_ms=approx_ms, tokens=step * t.train_batch_tokens)
+            if bar is not None:
+                _advance_bar(bar, t, step, approx_ms, last_loss)
+            reached = cap_ms is not None and approx_ms >= cap_ms
+            if all_reduce_max_flag(reached, self.device) and stop_after is None:
+                stop_after = step
+        if bar is not None:
+            bar.close()
+        return {"steps": step, "train_seconds": train_ms / 1000.0, "final_train_loss": last_loss}
+
+
+def _train_bar(t, enabled: bool):
+    if not (enabled and t.progress):
+        return None
+    from tqdm.auto import tqdm
+
+    if t.max_wallclock_seconds > 0:
+        return tqdm(total=round(t.max_wallclock_seconds, 1), desc="train", unit="s", dynamic_ncols=True, leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}")
+    return tqdm(total=t.iterations, desc="train", unit="step", dynamic_ncols=True, leave=False)
+
+
+def _advance_bar(bar, t, step: int, approx_ms: float, loss: float) -> None:
+    if t.max_wallclock_seconds > 0:
+        bar.n = min(approx_ms / 1000.0, bar.total)
+    else:
+        bar.n = step
+    bar.set_postfix_str(f"step {step} loss {loss:.3f}", refresh=False)
+    bar.refresh()
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None = None) -> dict:
+    """Train, export and evaluate one run into ``run_dir``; returns the summary dict.
+
+    Works the same in one process and under torchrun (every rank calls it)."""
+    run_dir = Path(run_dir)
+    ctx = init_distributed(cfg.train.device)
+    try:
+        if ctx.is_main:
+            prepare_run_dir(run_dir)
+        barrier()
+        return _run(cfg, run_dir, ctx, code_bytes)
+    finally:
+        if ctx.distributed:
+            shutdown_distributed()
+
+
+def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None) -> dict:
+    from pgolf.eval.suite import final_evaluations
+    from pgolf.submit.artifact import ARTIFACT_NAME, build_artifact, check_budget, load_artifact_model, package_code_bytes
+
+    wall0 = time.perf_counter()
+    configure_backends(ctx.device, cfg.train.threads)
+    logger = RunLogger(run_dir, enabled=ctx.is_main)
+    config_dict = to_dict(cfg)
+    if ctx.is_main:
+        _write_json(run_dir / "config.json", config_dict)
+    logger.header(config_dict, environment_info(ctx.device))
+    trainer = Trainer(cfg, run_dir, ctx, logger)
+    trainer.train_files, val_files, tok_path, sp = resolve_data(cfg)
+    trainer.lut = build_byte_lut(sp, cfg.model.vocab_size)
+    val_len = max(cfg.train.train_seq_len, cfg.eval_seq_len)
+    trainer.val_tokens = load_validation_tokens(val_files, val_len, cfg.eval.max_val_tokens)
+    logger.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={tok_path}")
+    logger.log(f"train_loader:dataset:{Path(cfg.data.path).resolve().name} train_shards:{len(trainer.train_files)}")
+    logger.log(f"val_loader:shards pattern={Path(cfg.data.path) / cfg.data.val_glob} tokens:{trainer.val_tokens.numel() - 1}")
+    trainer.build()
+    counts = count_parameters(trainer.base_model)
+    logger.log(f"model_params:{counts['total']}")
+    logger.log(f"world_size:{ctx.world_size} grad_accum_steps:{trainer.accum}")
+    o = cfg.optim
+    logger.log(
+        f"preset:{cfg.preset} profile:{cfg.profile} matrix_optimizer:{o.matrix_optimizer} embed_lr:{o.tied_embed_lr} "
+        f"matrix_lr:{o.matrix_lr} scalar_lr:{o.scalar_lr} muon_wd:{o.muon_wd} adam_wd:{o.adam_wd} grad_clip:{o.grad_clip_norm}"
+    )
+    t = cfg.train
+    logger.log(
+        f"train_batch_tokens:{t.train_batch_tokens} train_seq_len:{t.train_seq_len} iterations:{t.iterations} "
+        f"warmup_steps:{t.warmup_steps} max_wallclock_seconds:{t.max_wallclock_seconds:.3f} compile:{trainer.compiled} "
+        f"autocast:{trainer.amp_dtype}"
+    )
+    if cfg.model.xsa_last_n:
+        first = cfg.model.num_layers - cfg.model.xsa_last_n
+        logger.log(f"XSA:last_{cfg.model.xsa_last_n} active_layers:{list(range(first, cfg.model.num_layers))}")
+    if cfg.avg.ema_decay:
+        logger.log(f"ema:enabled decay={cfg.avg.ema_decay}")
+    logger.log(f"seed:{t.seed}")
+    warmup_s = trainer.compile_warmup()
+    if warmup_s:
+        logger.log(f"compile_warmup_seconds:{warmup_s:.1f}")
+    stats = trainer.loop()
+    tokens_seen = stats["steps"] * t.train_batch_tokens
+    if ctx.device.type == "cuda":
+        logger.log(
+            f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB"
+        )
+
+    # ---- averaging -> pre-quantisation eval of exactly the weights that get exported ----------
+    export_state, msg = trainer.averager.export_state(trainer.base_model)
+    logger.log(msg)
+    trainer.base_model.load_state_dict(export_state, strict=True)
+    if trainer.qat is not None:
+        trainer.qat.set_active(False)  # the float eval measures the weights, not their fake-quantised view
+    prequant = trainer.validate(trainer.base_model)
+    logger.log(f"DIAGNOSTIC post_avg val_loss:{prequant.val_loss:.4f} val_bpb:{prequant.val_bpb:.4f} eval_time:{1000 * prequant.seconds:.0f}ms")
+
+    # ---- artifact: quantise, compress, write; count bytes ----------------------------------------
+    artifact_path = run_dir / ARTIFACT_NAME
+    code = code_bytes if code_bytes is not None else package_code_bytes()
+    label = quant_label(cfg)
+    report = None
+    if ctx.is_main:
+        if cfg.train.save_raw:
+            _save_raw(trainer.base_model, cfg, run_dir)
+        report, qtensors = build_artifact(export_state, cfg.model, cfg.quant, artifact_path, code_bytes=code, meta_extra=_artifact_extra(cfg))
+        logger.log(
+            f"Serialized model {label}: {report.model_bytes} bytes (payload:{report.payload_bytes} codec:{report.codec})"
+        )
+        logger.log(f"Code size: {report.code_bytes} bytes")
+        logger.log(f"Total submission size {label}: {report.total_bytes} bytes (budget {report.budget_bytes})")
+        from pgolf.quant.export import roundtrip_errors
+
+        for name, err in roundtrip_errors(export_state, qtensors).items():
+            logger.log(f"quant_error name:{name} fmt:{err['fmt']} rel_rms:{err['rel_rms']:.3e} max_abs:{err['max_abs']:.3e}", console=False)
+    barrier()
+
+    # ---- round trip: read the file back into a fresh model and evaluate -------------------------
+    fresh, _meta = load_artifact_model(artifact_path, ctx.device, cfg.model.attention_backend)
+    apply_precision(fresh, cfg.train, ctx.device)
+    finals = final_evaluations(fresh, trainer, label)
+
+    summary = {
+        "preset": cfg.preset,
+        "profile": cfg.profile,
+        "seed": t.seed,
+        "params": counts["total"],
+        "params_by_group": counts,
+        "steps": stats["steps"],
+        "train_seconds": stats["train_seconds"],
+        "compile_warmup_seconds": warmup_s,
+        "tokens_seen": tokens_seen,
+        "tokens_per_second": tokens_seen / max(stats["train_seconds"], 1e-9),
+        "final_train_loss": stats["final_train_loss"],
+        "val_loss_prequant": prequant.val_loss,
+        "val_bpb_prequant": prequant.val_bpb,
+        **finals,
+        "val_targets": prequant.targets,
+        "val_bytes": prequant.bytes,
+        "world_size": ctx.world_size,
+        "device": str(ctx.device),
+        "wall_seconds": time.perf_counter() - wall0,
+    }
+    if report is not None:
+        summary.update(
+            model_bytes=report.model_bytes,
+            code_bytes=report.code_bytes,
+            artifact_bytes=report.total_bytes,
+            budget_bytes=report.budget_bytes,
+            fits_budget=report.fits,
+            artifact=ARTIFACT_NAME,
+            quant_label=label,
+        )
+        _write_json(run_dir / "summary.json", summary)
+        logger.metric("summary", **{k: v for k, v in summary.items() if not isinstance(v, dict)})
+    logger.close()
+    if report is not None:
+        check_budget(report)
+    return summary
+
+
+def _save_raw(model: nn.Module, cfg: RunConfig, run_dir: Path) -> None:
+    """The unquantised exported weights, in the same container (no pickle), for re-exports."""
+    from pgolf.quant.container import ChunkPlan, encode_artifact, write_bytes_atomic
+    from pgolf.quant.export import QTensor, dtype_name
+    from pgolf.submit.artifact import artifact_meta
+
+    qts = [QTensor(k, tuple(v.shape), dtype_name(v.dtype), "raw", v.detach().cpu().contiguous()) for k, v in model.state_dict().items()]
+    blob = encode_artifact(qts, artifact_meta(cfg.model, {**_artifact_extra(cfg), "raw": True}), ChunkPlan(default_codec="none"))
+    write_bytes_atomic(run_dir / "final_model.raw.pgolf", blob)
+
+
+def _artifact_extra(cfg: RunConfig) -> dict:
+    """What an artifact records beyond the model shape: enough to evaluate it the same way."""
+    return {"preset": cfg.preset, "profile": cfg.profile, "train_seq_len": cfg.train.train_seq_len, "eval_seq_len": cfg.eval_seq_len}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
