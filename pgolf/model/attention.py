@@ -1,5 +1,6 @@
 """Causal self-attention with GQA, QK RMS-norm, (partial) RoPE, q_gain, optional XSA and an
-optional value-embedding input.
+optional value-embedding input. Optional parts are imported only when a config uses them, so
+a generated submission file carries only the techniques its preset needs.
 
 The attention kernel is chosen once at build time (``resolve_attention_kernel``): FlashAttention 3
 (``flash_attn_interface``) when asked for or available on a Hopper GPU, otherwise PyTorch SDPA,
@@ -55,21 +56,6 @@ def resolve_attention_kernel(backend: str, device: torch.device | str | None = N
     return flash3_attention
 
 
-class ExclusiveSelfAttention(nn.Module):
-    """XSA (Zhai 2026): remove from each head's output its component along the token's own value
-    vector, y <- y - (y . v_hat) v_hat with v_hat = v / ||v||. Grouped form: the H query heads of
-    one KV head are contiguous, so y [B,T,H,D] is viewed as [B,T,Hkv,H/Hkv,D] and v_hat
-    broadcasts over the group without being repeated. No parameters."""
-
-    def forward(self, y: Tensor, v: Tensor) -> Tensor:
-        b, t, h, d = y.shape
-        hkv = v.size(2)
-        y_g = y.reshape(b, t, hkv, h // hkv, d)
-        v_hat = F.normalize(v, dim=-1, eps=1e-12).unsqueeze(3)
-        y_g = y_g - (y_g * v_hat).sum(dim=-1, keepdim=True) * v_hat
-        return y_g.reshape(b, t, h, d)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(
         self,
@@ -94,7 +80,11 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
         self.rotary = Rotary(rope_dims, rope_base)
-        self.xsa: nn.Module = ExclusiveSelfAttention() if xsa else Passthrough()
+        self.xsa: nn.Module = Passthrough()
+        if xsa:
+            from pgolf.model.xsa import ExclusiveSelfAttention
+
+            self.xsa = ExclusiveSelfAttention()
         self.kernel = kernel
 
     def forward(self, x: Tensor, value_embed: Tensor | None = None) -> Tensor:

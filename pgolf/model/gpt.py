@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from pgolf.model.attention import AttentionKernel, CausalSelfAttention, resolve_attention_kernel, sdpa_attention
 from pgolf.model.config import ModelConfig
-from pgolf.model.embeddings import BigramHash, SharedValueEmbedding, SmearGate
 from pgolf.model.layers import CastedLinear, Passthrough, RMSNorm
 
 
@@ -81,12 +80,17 @@ class GPT(nn.Module):
         kernel = kernel or sdpa_attention
         bos_id = cfg.bos_id if cfg.doc_aware else None
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.bigram: nn.Module = (
-            BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim, cfg.bigram_scale_init, bos_id)
-            if cfg.bigram_buckets > 0
-            else Passthrough()
-        )
-        self.smear: nn.Module = SmearGate(cfg.model_dim, bos_id) if cfg.smear_gate else Passthrough()
+        # Optional parts are imported only when used: a bundled submission carries no dead code.
+        self.bigram: nn.Module = Passthrough()
+        if cfg.bigram_buckets > 0:
+            from pgolf.model.bigram import BigramHash
+
+            self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim, cfg.bigram_scale_init, bos_id)
+        self.smear: nn.Module = Passthrough()
+        if cfg.smear_gate:
+            from pgolf.model.smear import SmearGate
+
+            self.smear = SmearGate(cfg.model_dim, bos_id)
         self.num_encoder_layers = cfg.num_layers // 2
         self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
         num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
@@ -94,6 +98,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, i, kernel) for i in range(cfg.num_layers)])
         ve_layers = cfg.resolved_ve_layers()
         if ve_layers:
+            from pgolf.model.value_embed import SharedValueEmbedding
+
             self.ve_shared = SharedValueEmbedding(cfg.vocab_size, cfg.ve_dim, cfg.kv_dim, cfg.ve_scale_init)
             self.ve_layer_scales = nn.ParameterList(
                 [nn.Parameter(torch.ones(1, dtype=torch.float32)) for _ in ve_layers]
@@ -143,13 +149,13 @@ class GPT(nn.Module):
             else:
                 bound = 1.0 / math.sqrt(w.size(1))
                 nn.init.uniform_(w, -bound, bound)
-        if isinstance(self.bigram, BigramHash):
+        if cfg.bigram_buckets > 0:
             if cfg.bigram_table_init_std > 0:
                 nn.init.normal_(self.bigram.embed.weight, std=cfg.bigram_table_init_std)
             else:
                 nn.init.zeros_(self.bigram.embed.weight)
             self.bigram.scale.fill_(cfg.bigram_scale_init)
-        if isinstance(self.smear, SmearGate):
+        if cfg.smear_gate:
             self.smear.gate.zero_()
         if hasattr(self, "ve_shared"):
             nn.init.normal_(self.ve_shared.embed.weight, std=cfg.ve_table_init_std)

@@ -23,7 +23,7 @@ from torch import nn
 
 from pgolf.model.config import is_control_tensor
 from pgolf.optim.config import OptimConfig
-from pgolf.optim.muon import Muon, NorMuon
+from pgolf.optim.muon import Muon
 
 
 @dataclass
@@ -77,6 +77,8 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tied_embeddings: bool, 
             from pgolf.errors import ConfigError
 
             raise ConfigError("optim.muon_wd is not supported with optim.matrix_optimizer=normuon (PR #89 has no WD)")
+        from pgolf.optim.normuon import NorMuon
+
         matrix_opt: torch.optim.Optimizer = NorMuon(
             matrix_params, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, beta2=cfg.normuon_beta2, backend_steps=cfg.muon_backend_steps
         )
@@ -97,4 +99,5 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tied_embeddings: bool, 
 
 
 def matrix_optimizer(optimizers: list[torch.optim.Optimizer]) -> torch.optim.Optimizer:
-    return next(o for o in optimizers if isinstance(o, (Muon, NorMuon)))
+    """The Muon/NorMuon optimizer (the one whose groups carry a momentum)."""
+    return next(o for o in optimizers if "momentum" in o.param_groups[0] and "betas" not in o.param_groups[0])

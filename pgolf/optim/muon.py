@@ -1,14 +1,10 @@
-"""Muon and NorMuon: momentum SGD whose matrix updates are orthogonalised by Newton-Schulz.
+"""Muon: momentum SGD whose matrix updates are orthogonalised by Newton-Schulz (baseline,
+PR #201/#401; NorMuon, PR #89, is in ``normuon.py``).
 
-Both shard the Newton-Schulz work across torchrun ranks (parameter i is handled by rank
-i mod world) and share the results, so every rank applies identical updates:
-
-* Muon (baseline, PR #201/#401): each rank writes its updates into one flat bf16 buffer (zeros
-  elsewhere) and an all-reduce(SUM) gives every rank all updates. Optional decoupled weight decay
-  p <- p * (1 - lr * wd) with the scheduled lr.
-* NorMuon (PR #89): EMA momentum, NS5, then a per-row second moment (beta2, no bias correction)
-  that equalises the update RMS of every output row, the Frobenius norm restored, the shape factor
-  applied; the owning rank updates the parameter and shares the new values.
+The Newton-Schulz work is sharded across torchrun ranks (parameter i is handled by rank
+i mod world): each rank writes its updates into one flat bf16 buffer (zeros elsewhere) and an
+all-reduce(SUM) gives every rank all updates, so every rank applies identical updates. Optional
+decoupled weight decay p <- p * (1 - lr * wd) uses the scheduled lr.
 """
 
 from __future__ import annotations
@@ -91,56 +87,4 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1.0 - lr * wd)
                 p.add_(update, alpha=-lr)
                 offset += p.numel()
-        return None
-
-
-def normuon_row_normalise(update: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
-    """One NorMuon row step on an fp32 NS output: update the per-row second moment v (in place,
-    EMA of the row mean of u^2, no bias correction), divide each row by sqrt(v), and rescale the
-    matrix back to the Frobenius norm it had before the row scaling."""
-    row_mean_sq = update.square().mean(dim=-1, keepdim=True)
-    second_moment.mul_(beta2).add_(row_mean_sq, alpha=1.0 - beta2)
-    norm_before = update.norm()
-    scaled = update / (second_moment.sqrt() + 1e-10)
-    return scaled * (norm_before / (scaled.norm() + 1e-10))
-
-
-class NorMuon(torch.optim.Optimizer):
-    """PR #89's optimizer for the block matrices. Parameters are processed in descending
-    ``size()`` order (tuple comparison, as the original), padded per world-size block."""
-
-    def __init__(self, params, lr: float, momentum: float, beta2: float = 0.95, backend_steps: int = 5):
-        params = sorted(params, key=lambda p: tuple(p.size()), reverse=True)
-        super().__init__(params, dict(lr=lr, momentum=momentum, beta2=beta2, backend_steps=backend_steps))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        distributed, world, rank = _dist_info()
-        for group in self.param_groups:
-            params = group["params"]
-            if not params:
-                continue
-            lr, beta, beta2 = group["lr"], group["momentum"], group["beta2"]
-            padded = params + [params[-1]] * ((-len(params)) % world)
-            for base in range(0, len(padded), world):
-                idx = base + rank
-                if idx < len(params):
-                    p = params[idx]
-                    g = p.grad if p.grad is not None else torch.zeros_like(p)
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(g)
-                        state["second_moment"] = torch.zeros(g.size(0), 1, device=g.device, dtype=torch.float32)
-                    m = state["momentum_buffer"]
-                    m.lerp_(g, 1.0 - beta)
-                    direction = g.mul(1.0 - beta).add_(m, alpha=beta)
-                    u = _ns_impl(direction, steps=group["backend_steps"]).float()
-                    u = normuon_row_normalise(u, state["second_moment"], beta2) * shape_factor(p)
-                    p.add_(u.to(p.dtype), alpha=-lr)
-                if distributed:
-                    # Share the owners' new values. One broadcast per parameter works for
-                    # unequal shapes on every backend (gloo's all_gather needs equal sizes).
-                    for r in range(world):
-                        if base + r < len(params):
-                            dist.broadcast(params[base + r].data, src=r)
         return None

@@ -105,9 +105,11 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.base_model = build_model(cfg.model, self.device)
         apply_precision(self.base_model, cfg.train, self.device)
-        from pgolf.quant.qat import attach_qat
+        self.qat = None
+        if cfg.quant.qat != "off":
+            from pgolf.quant.qat import attach_qat
 
-        self.qat = attach_qat(self.base_model, cfg.quant)
+            self.qat = attach_qat(self.base_model, cfg.quant)
         self.compiled = use_compile(cfg.train, self.device)
         model: nn.Module = maybe_compile(self.base_model, self.compiled)
         if ctx.distributed:

@@ -1,13 +1,9 @@
-"""Input-side extras of the record stacks: SmearGate, BigramHash and the shared value embedding.
-
-Each is a module that the GPT builds only when its config asks for it; when off, a Passthrough
-(or nothing) stands in, so the forward pass has no technique switches.
-"""
+"""BigramHash (PR #162 lineage, used by PR #201/#401): a hashed (previous, current) token-pair
+embedding added to the token embedding before the embedding RMSNorm."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.model.layers import CastedLinear
@@ -48,37 +44,3 @@ class BigramHash(nn.Module):
     def forward(self, x: Tensor, ids: Tensor) -> Tensor:
         h = self.embed(bigram_bucket_ids(ids, self.buckets, self.bos_id))
         return x + self.scale.to(x.dtype) * self.proj(h.to(x.dtype))
-
-
-class SmearGate(nn.Module):
-    """out_t = (1 - g) * x_t + g * x_{t-1}, g = sigmoid(gate) per channel, x_{-1} = 0.
-
-    The gate starts at zero (g = 0.5). In document-aware mode the gate is zero at BOS positions,
-    so a document's BOS never absorbs the previous document's last token.
-    """
-
-    def __init__(self, dim: int, bos_id: int | None):
-        super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
-        self.bos_id = bos_id
-
-    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
-        g = torch.sigmoid(self.gate).to(x.dtype)[None, None, :]
-        if self.bos_id is not None:
-            g = g * (ids != self.bos_id).unsqueeze(-1).to(x.dtype)
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        return (1 - g) * x + g * prev
-
-
-class SharedValueEmbedding(nn.Module):
-    """One table (vocab x ve_dim) projected to kv_dim and scaled, computed once per forward and
-    added to the value projection of the chosen blocks, each with its own learned scale."""
-
-    def __init__(self, vocab_size: int, ve_dim: int, kv_dim: int, scale_init: float):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, ve_dim)
-        self.proj = CastedLinear(ve_dim, kv_dim)
-        self.scale = nn.Parameter(torch.tensor(scale_init, dtype=torch.float32))
-
-    def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
-        return self.scale.to(dtype) * self.proj(self.embed(ids).to(dtype))
