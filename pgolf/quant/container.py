@@ -3,208 +3,434 @@
 Layout (all integers little-endian)::
 
     magic      8 bytes   b"PGOLFAR\\x00"
-    version    u16       CONTAINER_VERSION
-    hdr_codec  u8        codec id of the header (see codecs.CODEC_IDS)
+    version    u16       CONTAINER_VERSION (2)
+    hdr_codec  u8        codec id of the header (codecs.CODEC_IDS)
     hdr_len    u32       compressed header length
     hdr_raw    u32       decompressed header length
-    header     hdr_len   compressed UTF-8 JSON: {"meta": {...}, "chunks": [...], "tensors": [...]}
+    header     hdr_len   compressed UTF-8 JSON (below)
     chunks     ...       each chunk: bytes compressed with its own codec, in header order
     crc32      u32       zlib.crc32 of every byte before it
 
-Header JSON:
+Header JSON (arrays rather than objects: the header counts toward the 16 MB)::
 
-* ``chunks``: ``[{"codec": "zstd-22", "raw_len": n, "len": m}, ...]``;
-* ``tensors``: ``[{"name", "shape", "dtype", "fmt", "streams": {"values": S, "scale": S}}]`` where a
-  stream S is ``{"chunk": i, "offset": o, "nbytes": n, "enc": "i8"|"f16"|..., "packing": "raw"}``,
-  ``offset`` and ``nbytes`` being positions inside the decompressed chunk.
+    {"meta": {...},
+     "chunks": [[codec, raw_len, len], ...],
+     "tensors": [[name, shape, dtype, fmt, [[key, chunk, offset, nbytes, enc, packing], ...]], ...]}
 
-Reading checks the magic, version, lengths and checksum before parsing anything, then every
-stream's bounds and size against its shape. Any mismatch is an ``ArtifactError`` naming the file.
-Nothing in the file is ever executed: the header is JSON and the tensors are raw arrays.
+``key`` is ``v`` (values) or ``s`` (per-row scales of an integer format); ``offset``/``nbytes``
+locate the stream inside the *decompressed* chunk; ``enc`` is the element encoding
+(``streams.ENCODINGS``) and ``packing`` is ``raw``, ``bitpack`` or ``entropy`` (integer values
+only). The packing and the chunk's codec are the export's recorded per-tensor choice.
+
+Chunks: range-coded streams go, uncompressed, into one ``none`` chunk. With a fixed codec every
+other stream shares one chunk compressed with it (as the submissions compressed one blob). With
+``codec=auto`` every stream of at least ``SOLO_MIN_BYTES`` gets its own chunk with the smallest
+codec for it, and the small rest (scales, control tensors) one chunk with the codec that
+compresses their concatenation best.
+
+Reading checks the magic (a pickle / torch.save / zstd'd torch.save file is named as such and
+rejected before anything is parsed), the version, lengths and the checksum, then parses the JSON
+header against its schema and checks every stream's bounds, size, packing and value range. Any
+mismatch is an ``ArtifactError`` naming the file. Nothing in the file is ever executed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pgolf.errors import ArtifactError
-from pgolf.quant.codecs import CODEC_IDS, compress, decompress
+from pgolf.quant.codecs import CODEC_IDS, CODEC_NAMES, compress, decompress
 from pgolf.quant.export import TORCH_DTYPES, QTensor
 from pgolf.quant.formats import parse_format
+from pgolf.quant.streams import FLOAT_TAGS, PACKINGS, TAG_OF, pack_ints, tensor_from_bytes, tensor_to_bytes, unpack_ints
 
 MAGIC = b"PGOLFAR\x00"
-CONTAINER_VERSION = 1
+CONTAINER_VERSION = 2
 _PREAMBLE = struct.Struct("<8sHBII")
 _CRC = struct.Struct("<I")
 _MAX_HEADER = 64 << 20
-
-# Stream encodings: tag -> (torch dtype, numpy dtype used for the little-endian bytes).
-ENCODINGS = {
-    "f32": (torch.float32, "<f4"),
-    "f16": (torch.float16, "<f2"),
-    "bf16": (torch.bfloat16, "<u2"),  # stored as its raw 16 bits
-    "i8": (torch.int8, "i1"),
-    "i16": (torch.int16, "<i2"),
-    "i32": (torch.int32, "<i4"),
-    "i64": (torch.int64, "<i8"),
-    "u8": (torch.uint8, "u1"),
-    "b1": (torch.bool, "?"),
+_MAX_CHUNK = 4 << 30
+_MAX_NUMEL = 1 << 31
+SOLO_MIN_BYTES = 4096
+_FOREIGN_MAGICS = {
+    b"\x80": "a pickle / torch.save file",
+    b"PK": "a torch.save zip file",
+    b"\x28\xb5\x2f\xfd": "a zstd-compressed file (the submissions' .ptz: torch.save + zstd)",
+    b"\x78": "a zlib-compressed file (the submissions' zlib fallback .ptz)",
 }
-_TAG_OF = {v[0]: k for k, v in ENCODINGS.items()}
-
-
-def tensor_to_bytes(t: torch.Tensor) -> tuple[str, bytes]:
-    tag = _TAG_OF.get(t.dtype)
-    if tag is None:
-        raise ArtifactError(f"cannot store dtype {t.dtype}")
-    t = t.detach().cpu().contiguous()
-    if tag == "bf16":
-        t = t.view(torch.int16)
-    return tag, t.numpy().astype(ENCODINGS[tag][1], copy=False).tobytes()
-
-
-def tensor_from_bytes(tag: str, data: bytes, numel: int) -> torch.Tensor:
-    torch_dtype, np_dtype = ENCODINGS[tag]
-    arr = np.frombuffer(data, dtype=np_dtype, count=numel).copy()
-    if tag == "bf16":
-        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(arr).to(torch_dtype)
 
 
 @dataclass
 class ChunkPlan:
-    """Which codec compresses which tensors. Tensors not named go to ``default_codec``'s chunk."""
+    """How to store the streams. ``default_codec``: a codec name or ``auto``; ``packing`` of the
+    integer values: ``int8``/``raw`` (one per byte), ``bitpack``, ``entropy`` or ``auto``."""
 
     default_codec: str = "zlib-9"
-    tensor_codecs: dict[str, str] = field(default_factory=dict)
+    packing: str = "raw"
+    progress: bool = False
+
+
+@dataclass
+class StreamInfo:
+    key: str
+    packing: str
+    codec: str
+    nbytes: int  # bytes of the stream before the chunk codec
+    stored_bytes: float  # bytes in the file (a shared chunk's bytes are attributed by nbytes)
+    payload: bytes = field(default=b"", repr=False)  # the decompressed stream bytes (reports)
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    fmt: str
+    streams: dict[str, StreamInfo]
+
+
+@dataclass
+class ArtifactContents:
+    meta: dict
+    qtensors: list[QTensor]
+    tensors: list[TensorInfo]
+    file_bytes: int
+    header_bytes: int  # preamble + compressed header + checksum
+    header_codec: str
+    chunks: list[tuple[str, int, int]]  # (codec, raw_len, len)
+
+
+# ------------------------------------------------------------------------------------------------
+# encoding
+
+
+def _codec_candidates(codec: str) -> list[str]:
+    # auto tries every codec: a missing library raises MissingDependencyError (no silent fallback)
+    return [c for c in CODEC_NAMES if c != "none"] if codec == "auto" else [codec]
+
+
+def _packing_candidates(qt: QTensor, packing: str) -> list[str]:
+    if qt.scale is None:
+        return ["raw"]
+    if packing in ("int8", "raw"):
+        return ["raw"]
+    if packing == "auto":
+        # N < 8 bits: never one value per byte (bit-packed or range-coded); 8 bits: raw bytes are
+        # the bit-packed form already
+        return ["bitpack", "entropy"] if parse_format(qt.fmt).bits < 8 else ["raw", "entropy"]
+    if packing not in PACKINGS:
+        raise ArtifactError(f"unknown packing {packing!r}; known: int8, bitpack, entropy, auto")
+    return [packing]
+
+
+def _workers() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def _trial_sizes(tasks: list[tuple[str, bytes]], progress: bool) -> list[int]:
+    """Compressed sizes of (codec, data) trials, run in a thread pool (zstd, lzma and brotli
+    release the GIL; brotli-11 is slow, ~0.5 MB/s per core)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def size(task: tuple[str, bytes]) -> int:
+        codec, data = task
+        return len(data) if codec == "none" else len(compress(codec, data))
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        results = pool.map(size, tasks)
+        if progress:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(tasks), desc="export: codec trials", leave=False, dynamic_ncols=True)
+        return list(results)
+
+
+@dataclass
+class _Pending:
+    key: str
+    enc: str
+    candidates: dict[str, bytes]  # packing -> stream bytes
+    trial_codecs: list[str]  # codecs to try ([] = no trial needed)
+    packing: str = ""
+    codec: str = ""
+    group: str = ""
+
+    @property
+    def data(self) -> bytes:
+        return self.candidates[self.packing]
+
+
+def _tensor_streams(qt: QTensor, plan: ChunkPlan, codecs: list[str]) -> list[_Pending]:
+    """The streams of one tensor with their candidate packings and the codecs worth trying."""
+
+    def raw_stream(key: str, t: torch.Tensor) -> _Pending:
+        tag, data = tensor_to_bytes(t)
+        # small streams share the "misc" chunk, whose codec is chosen on the concatenation
+        trial = codecs if len(codecs) > 1 and len(data) >= SOLO_MIN_BYTES else []
+        return _Pending(key, tag, {"raw": data}, trial)
+
+    if qt.scale is None:
+        return [raw_stream("v", qt.values)]
+    fmt = parse_format(qt.fmt)
+    candidates = {p: pack_ints(qt.values, fmt, p) for p in _packing_candidates(qt, plan.packing)}
+    trial = codecs if len(candidates) > 1 or len(codecs) > 1 else []
+    return [_Pending("v", "i8", candidates, trial), raw_stream("s", qt.scale)]
+
+
+def _decide(pending: list[_Pending], codecs: list[str], progress: bool) -> None:
+    """Set every stream's (packing, codec) to the smallest measured combination."""
+    tasks, owners = [], []
+    for p in pending:
+        for packing, data in p.candidates.items():
+            for codec in (["none"] if packing == "entropy" else p.trial_codecs):
+                tasks.append((codec, data))
+                owners.append((p, packing, codec))
+    best: dict[int, tuple[int, str, str]] = {}
+    for (p, packing, codec), size in zip(owners, _trial_sizes(tasks, progress)):
+        if id(p) not in best or size < best[id(p)][0]:
+            best[id(p)] = (size, packing, codec)
+    for p in pending:
+        if id(p) in best:
+            _, p.packing, p.codec = best[id(p)]
+        else:  # a single candidate and nothing to try
+            p.packing = next(iter(p.candidates))
+            p.codec = "none" if p.packing == "entropy" else codecs[0]
+        p.candidates = {p.packing: p.candidates[p.packing]}  # free the losers
+
+
+def _group_of(p: _Pending, auto: bool, solo_id: str) -> str:
+    if p.codec == "none":
+        return "none"
+    if not auto:
+        return "shared"
+    return solo_id if len(p.data) >= SOLO_MIN_BYTES else "misc"
 
 
 def encode_artifact(qtensors: list[QTensor], meta: dict, plan: ChunkPlan | None = None) -> bytes:
     plan = plan or ChunkPlan()
-    chunk_order: list[str] = []  # one chunk per distinct codec, in first-use order
-    chunk_raw: dict[str, bytearray] = {}
-    entries = []
-    for qt in qtensors:
-        codec = plan.tensor_codecs.get(qt.name, plan.default_codec)
-        if codec not in CODEC_IDS:
-            raise ArtifactError(f"unknown codec {codec!r} for {qt.name}")
-        if codec not in chunk_raw:
-            chunk_order.append(codec)
-            chunk_raw[codec] = bytearray()
-        buf = chunk_raw[codec]
-        streams = {}
-        for key, tensor in (("values", qt.values), ("scale", qt.scale)):
-            if tensor is None:
-                continue
-            tag, data = tensor_to_bytes(tensor)
-            streams[key] = {"chunk": chunk_order.index(codec), "offset": len(buf), "nbytes": len(data), "enc": tag, "packing": "raw"}
-            buf += data
-        entries.append({"name": qt.name, "shape": list(qt.shape), "dtype": qt.dtype, "fmt": qt.fmt, "streams": streams})
-    compressed = [compress(c, bytes(chunk_raw[c])) for c in chunk_order]
-    chunks = [{"codec": c, "raw_len": len(chunk_raw[c]), "len": len(z)} for c, z in zip(chunk_order, compressed)]
-    header_raw = json.dumps({"meta": meta, "chunks": chunks, "tensors": entries}, separators=(",", ":")).encode("utf-8")
-    header = compress("zlib-9", header_raw)
-    body = _PREAMBLE.pack(MAGIC, CONTAINER_VERSION, CODEC_IDS["zlib-9"], len(header), len(header_raw)) + header + b"".join(compressed)
+    auto = plan.default_codec == "auto"
+    if not auto and plan.default_codec not in CODEC_IDS:
+        raise ArtifactError(f"unknown codec {plan.default_codec!r}; known: {', '.join(CODEC_NAMES)}, auto")
+    codecs = _codec_candidates(plan.default_codec)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:  # numpy and the range coder release the GIL
+        results = pool.map(lambda qt: _tensor_streams(qt, plan, codecs), qtensors)
+        if plan.progress:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(qtensors), desc="export: packing", leave=False, dynamic_ncols=True)
+        per_tensor = list(results)
+    _decide([p for streams in per_tensor for p in streams], codecs, plan.progress)
+    groups: dict[str, list[_Pending]] = {}
+    for ti, streams in enumerate(per_tensor):
+        for p in streams:
+            p.group = _group_of(p, auto, f"solo{ti}{p.key}")
+            groups.setdefault(p.group, []).append(p)
+    chunk_specs, compressed, chunk_of, offset_of = [], [], {}, {}
+    for gkey, parts in groups.items():
+        raw = b"".join(p.data for p in parts)
+        if gkey == "misc":  # the small streams together: the codec that compresses them best
+            trials = {c: compress(c, raw) for c in codecs}
+            codec = min(trials, key=lambda c: len(trials[c]))
+            z = trials[codec]
+        else:
+            codec = parts[0].codec
+            z = compress(codec, raw)
+        pos = 0
+        for p in parts:
+            offset_of[id(p)] = pos
+            pos += len(p.data)
+        chunk_of[gkey] = len(chunk_specs)
+        chunk_specs.append([codec, len(raw), len(z)])
+        compressed.append(z)
+    tensors = [
+        [qt.name, list(qt.shape), qt.dtype, qt.fmt, [[p.key, chunk_of[p.group], offset_of[id(p)], len(p.data), p.enc, p.packing] for p in streams]]
+        for qt, streams in zip(qtensors, per_tensor)
+    ]
+    header_raw = json.dumps({"meta": meta, "chunks": chunk_specs, "tensors": tensors}, separators=(",", ":")).encode("utf-8")
+    hdr_codec = min(dict.fromkeys(["zlib-9"] + [c for c in codecs if c != "none"]), key=lambda c: len(compress(c, header_raw)))
+    header = compress(hdr_codec, header_raw)
+    body = _PREAMBLE.pack(MAGIC, CONTAINER_VERSION, CODEC_IDS[hdr_codec], len(header), len(header_raw)) + header + b"".join(compressed)
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def decode_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict, list[QTensor]]:
-    def bad(why: str) -> ArtifactError:
-        return ArtifactError(f"{source}: {why}")
+# ------------------------------------------------------------------------------------------------
+# decoding
 
-    if len(blob) < _PREAMBLE.size + _CRC.size:
-        raise bad(f"too short to be a pgolf artifact ({len(blob)} bytes)")
-    magic, version, hdr_codec_id, hdr_len, hdr_raw_len = _PREAMBLE.unpack_from(blob, 0)
-    if magic != MAGIC:
-        hint = " (it looks like a pickle/torch.save file; pgolf never unpickles artifacts)" if blob[:1] in (b"\x80", b"PK") else ""
-        raise bad(f"not a pgolf artifact (bad magic){hint}")
+
+class _Reject(Exception):
+    """Internal: a malformed field; becomes ArtifactError with the file name."""
+
+
+def _int(v, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _Reject(f"{what}: expected an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _str(v, what: str) -> str:
+    if not isinstance(v, str):
+        raise _Reject(f"{what}: expected a string, got {type(v).__name__}")
+    return v
+
+
+def _list(v, what: str, n: int | None = None) -> list:
+    if not isinstance(v, list) or (n is not None and len(v) != n):
+        raise _Reject(f"{what}: expected a list{'' if n is None else f' of {n} items'}")
+    return v
+
+
+def _read_preamble(blob: bytes) -> tuple[int, int, int, int]:
+    if len(blob) < _PREAMBLE.size + _CRC.size or blob[:8] != MAGIC:
+        for magic, what in _FOREIGN_MAGICS.items():
+            if blob.startswith(magic):
+                raise _Reject(f"not a pgolf artifact: it looks like {what}; pgolf never unpickles or runs artifact contents")
+        if blob[:8] != MAGIC:
+            raise _Reject("not a pgolf artifact (bad magic)")
+        raise _Reject(f"too short to be a pgolf artifact ({len(blob)} bytes)")
+    _, version, hdr_codec_id, hdr_len, hdr_raw_len = _PREAMBLE.unpack_from(blob, 0)
     if version != CONTAINER_VERSION:
-        raise bad(f"unsupported artifact version {version} (this pgolf reads version {CONTAINER_VERSION}); upgrade pgolf")
+        raise _Reject(f"unsupported artifact version {version} (this pgolf reads version {CONTAINER_VERSION}); "
+                      "re-export it with this pgolf (`pgolf export`) or use the pgolf that wrote it")
     (crc,) = _CRC.unpack_from(blob, len(blob) - _CRC.size)
-    body = blob[: -_CRC.size]
-    if zlib.crc32(body) != crc:
-        raise bad("checksum mismatch: the file is truncated or corrupted")
+    if zlib.crc32(memoryview(blob)[: -_CRC.size]) != crc:
+        raise _Reject("checksum mismatch: the file is truncated or corrupted")
+    return hdr_codec_id, hdr_len, hdr_raw_len, _PREAMBLE.size
+
+
+def decode_artifact(blob: bytes, source: str = "<bytes>", *, keep_payload: bool = False) -> ArtifactContents:
+    """Parse and validate a whole artifact. ``keep_payload`` keeps each stream's bytes (reports)."""
+    try:
+        return _decode(blob, keep_payload)
+    except _Reject as exc:
+        raise ArtifactError(f"{source}: {exc}") from None
+
+
+def _decode(blob: bytes, keep_payload: bool) -> ArtifactContents:
+    hdr_codec_id, hdr_len, hdr_raw_len, pos = _read_preamble(blob)
+    body_end = len(blob) - _CRC.size
     codec_names = {v: k for k, v in CODEC_IDS.items()}
     if hdr_codec_id not in codec_names or hdr_raw_len > _MAX_HEADER:
-        raise bad("malformed header")
-    pos = _PREAMBLE.size
-    if pos + hdr_len > len(body):
-        raise bad("header runs past the end of the file")
+        raise _Reject("malformed header (unknown codec or absurd size)")
+    if pos + hdr_len > body_end:
+        raise _Reject("header runs past the end of the file")
     try:
-        header = json.loads(decompress(codec_names[hdr_codec_id], body[pos : pos + hdr_len], hdr_raw_len))
-        meta, chunk_specs, tensor_specs = header["meta"], header["chunks"], header["tensors"]
-    except (ArtifactError, ValueError, KeyError, TypeError) as exc:
-        raise bad(f"malformed header ({exc})") from None
+        header = json.loads(decompress(codec_names[hdr_codec_id], blob[pos : pos + hdr_len], hdr_raw_len))
+    except (ArtifactError, ValueError) as exc:
+        raise _Reject(f"malformed header ({exc})") from None
+    if not isinstance(header, dict) or set(header) != {"meta", "chunks", "tensors"} or not isinstance(header["meta"], dict):
+        raise _Reject("malformed header (expected the keys meta, chunks, tensors)")
     pos += hdr_len
+    header_bytes = pos + _CRC.size
     chunks: list[bytes] = []
-    for spec in chunk_specs:
-        try:
-            codec, raw_len, length = spec["codec"], int(spec["raw_len"]), int(spec["len"])
-        except (KeyError, TypeError, ValueError):
-            raise bad("malformed chunk table") from None
+    chunk_specs: list[tuple[str, int, int]] = []
+    for i, spec in enumerate(_list(header["chunks"], "chunk table")):
+        codec, raw_len, length = _list(spec, f"chunk {i}", 3)
         if codec not in CODEC_IDS:
-            raise bad(f"unknown codec {codec!r}")
-        if length < 0 or pos + length > len(body):
-            raise bad("chunk runs past the end of the file")
+            raise _Reject(f"chunk {i}: unknown codec {codec!r}")
+        raw_len, length = _int(raw_len, f"chunk {i} raw_len", 0, _MAX_CHUNK), _int(length, f"chunk {i} len")
+        if pos + length > body_end:
+            raise _Reject(f"chunk {i} runs past the end of the file")
         try:
-            chunks.append(decompress(codec, body[pos : pos + length], raw_len))
+            chunks.append(decompress(codec, blob[pos : pos + length], raw_len))
         except ArtifactError as exc:
-            raise bad(str(exc)) from None
+            raise _Reject(f"chunk {i}: {exc}") from None
+        chunk_specs.append((codec, raw_len, length))
         pos += length
-    if pos != len(body):
-        raise bad(f"{len(body) - pos} unexpected trailing bytes")
-    qtensors = [_decode_tensor(spec, chunks, bad) for spec in tensor_specs]
-    return meta, qtensors
+    if pos != body_end:
+        raise _Reject(f"{body_end - pos} unexpected bytes after the last chunk")
+    # attribute shared chunks' compressed bytes to their streams by their share of the raw bytes
+    ratio = [(length / raw_len if raw_len else 0.0) for _, raw_len, length in chunk_specs]
+    qtensors, infos, seen = [], [], set()
+    total_numel = 0
+    for spec in _list(header["tensors"], "tensor table"):
+        qt, info = _decode_tensor(spec, chunks, chunk_specs, ratio, keep_payload)
+        if qt.name in seen:
+            raise _Reject(f"tensor {qt.name!r} appears twice")
+        seen.add(qt.name)
+        total_numel += qt.numel
+        if total_numel > _MAX_NUMEL:
+            raise _Reject("more than 2^31 values in total")
+        qtensors.append(qt)
+        infos.append(info)
+    return ArtifactContents(header["meta"], qtensors, infos, len(blob), header_bytes, codec_names[hdr_codec_id], chunk_specs)
 
 
-def _decode_tensor(spec: dict, chunks: list[bytes], bad) -> QTensor:
+def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], keep_payload: bool) -> tuple[QTensor, TensorInfo]:
+    name, shape, dtype, fmt, streams = _list(spec, "tensor entry", 5)
+    name = _str(name, "tensor name")
+    where = f"tensor {name!r}"
+    shape = tuple(_int(d, f"{where} shape", 0, _MAX_NUMEL) for d in _list(shape, f"{where} shape"))
+    if len(shape) > 8:
+        raise _Reject(f"{where}: {len(shape)} dimensions")
+    numel = math.prod(shape)  # exact (no int64 wrap-around on a hostile shape)
+    if numel > _MAX_NUMEL:
+        raise _Reject(f"{where}: shape {list(shape)} is too large")
+    if _str(dtype, f"{where} dtype") not in TORCH_DTYPES:
+        raise _Reject(f"{where}: unknown dtype {dtype!r}")
+    fmt = _str(fmt, f"{where} format")
     try:
-        name, shape, dtype, fmt, streams = spec["name"], tuple(int(d) for d in spec["shape"]), spec["dtype"], spec["fmt"], spec["streams"]
-    except (KeyError, TypeError, ValueError):
-        raise bad("malformed tensor entry") from None
-    if any(d < 0 for d in shape):
-        raise bad(f"{name}: negative dimension in shape {shape}")
-    if dtype not in TORCH_DTYPES:
-        raise bad(f"{name}: unknown dtype {dtype!r}")
-    if fmt != "raw":
+        parsed = None if fmt == "raw" else parse_format(fmt)
+    except ValueError:
+        raise _Reject(f"{where}: unknown format {fmt!r}") from None
+    is_int = parsed is not None and parsed.kind == "int"
+    rows = (shape[0] if len(shape) >= 2 else 1) if is_int else 0
+    cols = numel // rows if rows else 0
+    if fmt == "raw":
+        want_tag = TAG_OF[TORCH_DTYPES[dtype]]
+    elif not is_int:
+        want_tag = TAG_OF[parsed.float_dtype]
+    else:
+        want_tag = "i8"
+    found: dict[str, torch.Tensor] = {}
+    infos: dict[str, StreamInfo] = {}
+    for s in _list(streams, f"{where} streams"):
+        key, chunk, offset, nbytes, enc, packing = _list(s, f"{where} stream", 6)
+        if key not in ("v", "s") or key in found or (key == "s" and not is_int):
+            raise _Reject(f"{where}: unexpected stream {key!r}")
+        if not chunks:
+            raise _Reject(f"{where}: stream {key!r} but the file has no chunks")
+        chunk = _int(chunk, f"{where} stream {key} chunk", 0, len(chunks) - 1)
+        offset, nbytes = _int(offset, f"{where} offset"), _int(nbytes, f"{where} nbytes")
+        if offset + nbytes > len(chunks[chunk]):
+            raise _Reject(f"{where}: stream {key!r} points outside its chunk")
+        data = chunks[chunk][offset : offset + nbytes]
+        if packing not in PACKINGS or (packing != "raw" and (key != "v" or not is_int)):
+            raise _Reject(f"{where}: packing {packing!r} is not allowed for stream {key!r} of format {fmt}")
         try:
-            is_int = parse_format(fmt).kind == "int"
-        except ValueError:
-            raise bad(f"{name}: unknown format {fmt!r}") from None
-        if is_int != ("scale" in streams):
-            raise bad(f"{name}: format {fmt} {'needs' if is_int else 'has no'} a scale stream")
-    numel = int(np.prod(shape)) if shape else 1
-    rows = shape[0] if len(shape) >= 2 else 1
-    tensors = {}
-    for key, s in streams.items():
-        try:
-            chunk, offset, nbytes, enc, packing = int(s["chunk"]), int(s["offset"]), int(s["nbytes"]), s["enc"], s["packing"]
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"{name}: malformed stream {key!r}") from None
-        if enc not in ENCODINGS or packing != "raw":
-            raise bad(f"{name}: unknown encoding {enc!r}/{packing!r} for stream {key!r}")
-        if not 0 <= chunk < len(chunks) or offset < 0 or offset + nbytes > len(chunks[chunk]):
-            raise bad(f"{name}: stream {key!r} points outside its chunk")
-        count = numel if key == "values" else rows
-        itemsize = np.dtype(ENCODINGS[enc][1]).itemsize
-        if nbytes != count * itemsize:
-            raise bad(f"{name}: stream {key!r} holds {nbytes} bytes but shape {list(shape)} needs {count * itemsize}")
-        tensors[key] = tensor_from_bytes(enc, chunks[chunk][offset : offset + nbytes], count)
-    if "values" not in tensors:
-        raise bad(f"{name}: no values stream")
-    values = tensors["values"]
-    scale = tensors.get("scale")
-    if scale is not None:
-        values = values.reshape(rows, -1)
-    return QTensor(name, shape, dtype, fmt, values, scale)
+            if key == "s":
+                if enc not in FLOAT_TAGS:
+                    raise ValueError(f"scale encoding {enc!r} is not a float encoding")
+                t = tensor_from_bytes(enc, data, rows)
+                if rows and not (torch.isfinite(t.float()).all() and (t.float() > 0).all()):
+                    raise ValueError("scales must be finite and positive")
+            elif is_int:
+                if enc != "i8":
+                    raise ValueError(f"integer values must have encoding i8, got {enc!r}")
+                t = unpack_ints(data, packing, parsed, rows, cols)
+            else:
+                if enc != want_tag:
+                    raise ValueError(f"encoding {enc!r} does not match format {fmt} / dtype {dtype}")
+                t = tensor_from_bytes(enc, data, numel)
+        except ValueError as exc:
+            raise _Reject(f"{where}: stream {key!r}: {exc}") from None
+        found[key] = t
+        codec = chunk_specs[chunk][0]
+        infos[key] = StreamInfo(key, packing, codec, nbytes, nbytes * ratio[chunk], data if keep_payload else b"")
+    if "v" not in found or (is_int and "s" not in found):
+        raise _Reject(f"{where}: missing {'values' if 'v' not in found else 'scale'} stream")
+    values = found["v"] if is_int else found["v"].reshape(shape)
+    qt = QTensor(name, shape, dtype, fmt, values, found.get("s"))
+    return qt, TensorInfo(name, shape, dtype, fmt, infos)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -217,10 +443,16 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def read_artifact(path: str | Path) -> tuple[dict, list[QTensor]]:
+def read_artifact_contents(path: str | Path, *, keep_payload: bool = False) -> ArtifactContents:
     path = Path(path)
     try:
         blob = path.read_bytes()
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read artifact ({exc.strerror})") from None
-    return decode_artifact(blob, str(path))
+    return decode_artifact(blob, str(path), keep_payload=keep_payload)
+
+
+def read_artifact(path: str | Path) -> tuple[dict, list[QTensor]]:
+    """(meta, tensors) of an artifact file, fully validated; never executes anything."""
+    contents = read_artifact_contents(path)
+    return contents.meta, contents.qtensors

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pgolf.errors import ArtifactError
 from pgolf.quant.config import QuantConfig
 from pgolf.quant.formats import FLOAT_FORMATS, dequantize_rows, parse_format, quantize_rows
 
@@ -83,22 +84,34 @@ def choose_format(name: str, t: Tensor, cfg: QuantConfig) -> str:
     return {"mlp": cfg.mlp_format, "attn": cfg.attn_format}.get(cat, cfg.other_format)
 
 
-def quantize_tensor(name: str, t: Tensor, fmt_spec: str, cfg: QuantConfig) -> QTensor:
+def quantize_tensor(name: str, t: Tensor, fmt_spec: str, cfg: QuantConfig, hessian: Tensor | None = None) -> QTensor:
+    """One tensor in the given format. With a ``hessian`` (input second moment X^T X of the linear
+    that owns the weight) an integer format is quantised by GPTQ on the same per-row grid and
+    scales; otherwise by rounding to nearest."""
     t = t.detach().cpu()
     shape = tuple(t.shape)
-    if fmt_spec == "raw":
+    if fmt_spec == "raw" or t.numel() == 0:
         return QTensor(name, shape, dtype_name(t.dtype), "raw", t.contiguous())
     fmt = parse_format(fmt_spec)
     if fmt.kind == "float":
         return QTensor(name, shape, dtype_name(t.dtype), fmt.spec(), t.to(fmt.float_dtype).contiguous())
-    q, scale = quantize_rows(
-        t, fmt, clip_quantile=cfg.clip_quantile, scale_floor=cfg.scale_floor, scale_dtype=FLOAT_FORMATS[cfg.scale_dtype]
-    )
+    if not torch.isfinite(t).all():
+        raise ArtifactError(f"{name}: the weights contain NaN or inf; refusing to quantise a diverged model")
+    kw = dict(clip_quantile=cfg.clip_quantile, scale_floor=cfg.scale_floor, scale_dtype=FLOAT_FORMATS[cfg.scale_dtype])
+    if hessian is not None and t.ndim == 2:
+        from pgolf.quant.gptq import gptq_quantize
+
+        q, scale = gptq_quantize(t, hessian, fmt, cfg)
+    else:
+        q, scale = quantize_rows(t, fmt, **kw)
     return QTensor(name, shape, dtype_name(t.dtype), fmt.spec(), q.contiguous(), scale.contiguous())
 
 
-def quantize_state_dict(state_dict: dict[str, Tensor], cfg: QuantConfig) -> list[QTensor]:
-    return [quantize_tensor(name, t, choose_format(name, t, cfg), cfg) for name, t in state_dict.items()]
+def quantize_state_dict(state_dict: dict[str, Tensor], cfg: QuantConfig, hessians: dict[str, Tensor] | None = None) -> list[QTensor]:
+    """Every tensor in its ``choose_format`` format; ``hessians`` maps weight names to GPTQ
+    Hessians (``pgolf.quant.gptq.collect_hessians``)."""
+    hessians = hessians or {}
+    return [quantize_tensor(name, t, choose_format(name, t, cfg), cfg, hessians.get(name)) for name, t in state_dict.items()]
 
 
 def dequantize_tensor(qt: QTensor) -> Tensor:
@@ -118,9 +131,10 @@ def roundtrip_errors(state_dict: dict[str, Tensor], qtensors: list[QTensor]) -> 
     """Per tensor: relative RMS error and max abs error of the quantise/dequantise round trip."""
     out = {}
     for qt in qtensors:
-        ref = state_dict[qt.name].detach().float().cpu()
-        if not ref.is_floating_point() or ref.numel() == 0:
+        orig = state_dict[qt.name]
+        if not orig.is_floating_point() or orig.numel() == 0:
             continue
+        ref = orig.detach().float().cpu()
         err = dequantize_tensor(qt).float() - ref
         denom = ref.square().mean().sqrt().item()
         out[qt.name] = {

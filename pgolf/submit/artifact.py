@@ -17,7 +17,7 @@ import torch
 from pgolf.errors import ArtifactError, BudgetExceededError
 from pgolf.model.config import ModelConfig
 from pgolf.quant.config import QuantConfig
-from pgolf.quant.container import ChunkPlan, encode_artifact, read_artifact, write_bytes_atomic
+from pgolf.quant.container import ChunkPlan, decode_artifact, encode_artifact, read_artifact, write_bytes_atomic
 from pgolf.quant.export import QTensor, dequantize_state_dict, quantize_state_dict
 
 ARTIFACT_NAME = "final_model.pgolf"
@@ -30,8 +30,10 @@ class ArtifactReport:
     model_bytes: int
     code_bytes: int
     budget_bytes: int
-    payload_bytes: int  # uncompressed tensor bytes
+    payload_bytes: int  # uncompressed tensor bytes (integers counted one per byte)
     codec: str
+    packing: str = "auto"
+    choices: dict | None = None  # "packing+codec" -> number of value streams that chose it
 
     @property
     def total_bytes(self) -> int:
@@ -68,13 +70,25 @@ def build_artifact(
     *,
     code_bytes: int,
     meta_extra: dict | None = None,
+    hessians: dict[str, torch.Tensor] | None = None,
+    progress: bool = False,
 ) -> tuple[ArtifactReport, list[QTensor]]:
-    """Quantise ``state_dict`` by ``qcfg``, write the container to ``path`` atomically."""
+    """Quantise ``state_dict`` by ``qcfg`` (GPTQ for the weights that have a Hessian in
+    ``hessians``), write the container to ``path`` atomically, and re-read it: the report's
+    choices come from the file itself, and a file that does not decode is never reported as fine."""
     cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    qtensors = quantize_state_dict(cpu_state, qcfg)
-    blob = encode_artifact(qtensors, artifact_meta(model_cfg, meta_extra), ChunkPlan(default_codec=qcfg.codec))
+    qtensors = quantize_state_dict(cpu_state, qcfg, hessians)
+    extra = {**(meta_extra or {}), "code_bytes": code_bytes, "budget_bytes": qcfg.budget_bytes, "gptq": bool(hessians)}
+    plan = ChunkPlan(default_codec=qcfg.codec, packing=qcfg.packing, progress=progress)
+    blob = encode_artifact(qtensors, artifact_meta(model_cfg, extra), plan)
+    contents = decode_artifact(blob, str(path))
+    choices: dict[str, int] = {}
+    for info in contents.tensors:
+        v = info.streams["v"]
+        key = f"{v.packing}+{v.codec}"
+        choices[key] = choices.get(key, 0) + 1
     write_bytes_atomic(path, blob)
-    report = ArtifactReport(str(path), len(blob), code_bytes, qcfg.budget_bytes, payload_bytes(qtensors), qcfg.codec)
+    report = ArtifactReport(str(path), len(blob), code_bytes, qcfg.budget_bytes, payload_bytes(qtensors), qcfg.codec, qcfg.packing, choices)
     return report, qtensors
 
 
@@ -143,15 +157,14 @@ _NOT_SUBMITTED = (
 )
 
 
-def package_code_bytes() -> int:
-    """Upper bound on the code a submission of this run needs: the bytes of every pgolf source
-    module loaded for training, minus the command-line and submission tooling. ``pgolf bundle``
-    produces the real single file, usually far smaller."""
-    total = 0
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("pgolf") or name.startswith(_NOT_SUBMITTED):
-            continue
-        file = getattr(module, "__file__", None)
-        if file and file.endswith(".py"):
-            total += Path(file).stat().st_size
-    return total
+def package_code_bytes(cfg=None) -> int:
+    """Upper bound on the code bytes of this run's submission: the size of the single-file
+    ``train_gpt.py`` that ``pgolf bundle`` would generate from the pgolf modules loaded so far plus
+    every pgolf module they can import lazily (command-line and submission tooling excluded),
+    shaken, minified and lzma-packed with ``cfg`` embedded (the full default config if None).
+    ``pgolf bundle`` writes the real file, a few KB smaller (fewer modules, the best wrapper); a
+    bundled train_gpt.py passes its exact size as ``code_bytes`` instead."""
+    from pgolf.submit.bundle import estimate_code_bytes
+
+    loaded = [name for name in list(sys.modules) if name.startswith("pgolf") and not name.startswith(_NOT_SUBMITTED)]
+    return estimate_code_bytes(loaded, cfg)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,11 +27,12 @@ from pgolf.config import RunConfig, to_dict
 from pgolf.data.loader import DistributedTokenLoader
 from pgolf.data.shards import resolve_shards
 from pgolf.errors import ConfigError, UserError
-from pgolf.eval.bpb import build_byte_lut
+from pgolf.eval.bpb import ByteLUT, build_byte_lut
 from pgolf.eval.standard import evaluate_standard, load_validation_tokens
 from pgolf.model.gpt import build_model, count_parameters
 from pgolf.optim.groups import build_optimizers, matrix_optimizer
 from pgolf.optim.schedule import lr_scale, muon_momentum
+from pgolf.quant.codecs import require_export_libraries
 from pgolf.train.averaging import WeightAverager
 from pgolf.train.distributed import DistContext, all_reduce_max_flag, barrier, init_distributed, seed_everything, shutdown_distributed
 from pgolf.train.logger import RunLogger, environment_info
@@ -92,9 +94,27 @@ def quant_label(cfg: RunConfig) -> str:
     return base + ("_zlib" if cfg.quant.codec == "zlib-9" else "")
 
 
+@dataclass
+class RunData:
+    """The checked inputs of a run: training shards, the validation stream and its byte tables."""
+
+    train_files: list[Path]
+    val_tokens: torch.Tensor  # int64, a whole number of eval windows + 1
+    lut: ByteLUT
+    tokenizer_path: Path
+
+    @staticmethod
+    def load(cfg: RunConfig) -> "RunData":
+        train_files, val_files, tok_path, sp = resolve_data(cfg)
+        val_len = max(cfg.train.train_seq_len, cfg.eval_seq_len)
+        val_tokens = load_validation_tokens(val_files, val_len, cfg.eval.max_val_tokens)
+        return RunData(train_files, val_tokens, build_byte_lut(sp, cfg.model.vocab_size), tok_path)
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path | None, ctx: DistContext, logger: RunLogger):
-        self.cfg, self.run_dir, self.ctx, self.logger = cfg, run_dir, ctx, logger
+    def __init__(self, cfg: RunConfig, ctx: DistContext, logger: RunLogger, data: RunData):
+        self.cfg, self.ctx, self.logger = cfg, ctx, logger
+        self.train_files, self.val_tokens, self.lut = data.train_files, data.val_tokens, data.lut
         self.device = ctx.device
         self.amp_dtype = autocast_dtype(cfg.train, self.device)
         self.accum = grad_accum_steps(cfg, ctx.world_size)
@@ -193,9 +213,17 @@ class Trainer:
         model_for_eval.train(was_training)
         return res
 
+    def wallclock_cap_ms(self) -> float | None:
+        """The training cap; with GPTQ its Hessian time is reserved inside it (field-notes 1.8)."""
+        t, q = self.cfg.train, self.cfg.quant
+        if t.max_wallclock_seconds <= 0:
+            return None
+        reserve = q.gptq_reserve_seconds if q.gptq == "full" else 0.0
+        return 1000.0 * max(t.max_wallclock_seconds - reserve, 0.0)
+
     def loop(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        cap_ms = 1000.0 * t.max_wallclock_seconds if t.max_wallclock_seconds > 0 else None
+        cap_ms = self.wallclock_cap_ms()
         loader = self.make_loader()
         self.averager = WeightAverager(cfg.avg, self.base_model)
         if self.qat is not None and self.qat.active:
@@ -241,6 +269,11 @@ class Trainer:
                 self.logger.log(msg)
             approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
             log_now = t.train_log_every > 0 and (step <= 10 or step % t.train_log_every == 0 or stop_after is not None)
+            if log_now and self.ctx.distributed:
+                # Logged losses are the mean over all ranks' micro-batches (the whole global batch),
+                # so a 1-process and an N-process run of the same batch log the same number.
+                torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.SUM)  # gloo has no AVG
+                loss = loss / self.ctx.world_size
             if log_now or bar is not None:
                 last_loss = loss.item()
                 if not math.isfinite(last_loss):
@@ -282,23 +315,25 @@ def _advance_bar(bar, t, step: int, approx_ms: float, loss: float) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None = None) -> dict:
+def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None = None, predict_size: bool = True) -> dict:
     """Train, export and evaluate one run into ``run_dir``; returns the summary dict.
 
-    Works the same in one process and under torchrun (every rank calls it)."""
+    Works the same in one process and under torchrun (every rank calls it). ``code_bytes``: the
+    submitted script's size (a bundled train_gpt.py passes its own); ``predict_size``: log the
+    predicted artifact size at start (a bundle printed it when it was generated)."""
     run_dir = Path(run_dir)
     ctx = init_distributed(cfg.train.device)
     try:
         if ctx.is_main:
             prepare_run_dir(run_dir)
         barrier()
-        return _run(cfg, run_dir, ctx, code_bytes)
+        return _run(cfg, run_dir, ctx, code_bytes, predict_size)
     finally:
         if ctx.distributed:
             shutdown_distributed()
 
 
-def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None) -> dict:
+def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None, predict_size: bool) -> dict:
     from pgolf.eval.suite import final_evaluations
     from pgolf.submit.artifact import ARTIFACT_NAME, build_artifact, check_budget, load_artifact_model, package_code_bytes
 
@@ -309,14 +344,18 @@ def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None
     if ctx.is_main:
         _write_json(run_dir / "config.json", config_dict)
     logger.header(config_dict, environment_info(ctx.device))
-    trainer = Trainer(cfg, run_dir, ctx, logger)
-    trainer.train_files, val_files, tok_path, sp = resolve_data(cfg)
-    trainer.lut = build_byte_lut(sp, cfg.model.vocab_size)
-    val_len = max(cfg.train.train_seq_len, cfg.eval_seq_len)
-    trainer.val_tokens = load_validation_tokens(val_files, val_len, cfg.eval.max_val_tokens)
-    logger.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={tok_path}")
-    logger.log(f"train_loader:dataset:{Path(cfg.data.path).resolve().name} train_shards:{len(trainer.train_files)}")
-    logger.log(f"val_loader:shards pattern={Path(cfg.data.path) / cfg.data.val_glob} tokens:{trainer.val_tokens.numel() - 1}")
+    # Code bytes: the bundled script's own size when it runs, else an upper bound of it (rank 0).
+    code = code_bytes if code_bytes is not None else (package_code_bytes(cfg) if ctx.is_main else 0)
+    require_export_libraries(cfg.quant)  # a missing compressor fails now, not after training
+    if predict_size:
+        from pgolf.quant.predict import preflight  # warns if the artifact will not fit
+
+        preflight(cfg, code, logger.log)
+    data = RunData.load(cfg)
+    trainer = Trainer(cfg, ctx, logger, data)
+    logger.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={data.tokenizer_path}")
+    logger.log(f"train_loader:dataset:{Path(cfg.data.path).resolve().name} train_shards:{len(data.train_files)}")
+    logger.log(f"val_loader:shards pattern={Path(cfg.data.path) / cfg.data.val_glob} tokens:{data.val_tokens.numel() - 1}")
     trainer.build()
     counts = count_parameters(trainer.base_model)
     logger.log(f"model_params:{counts['total']}")
@@ -337,6 +376,8 @@ def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None
         logger.log(f"XSA:last_{cfg.model.xsa_last_n} active_layers:{list(range(first, cfg.model.num_layers))}")
     if cfg.avg.ema_decay:
         logger.log(f"ema:enabled decay={cfg.avg.ema_decay}")
+    if cfg.quant.gptq == "full" and t.max_wallclock_seconds > 0:
+        logger.log(f"gptq_reserve_seconds:{cfg.quant.gptq_reserve_seconds} (training stops that much before the cap)")
     logger.log(f"seed:{t.seed}")
     warmup_s = trainer.compile_warmup()
     if warmup_s:
@@ -360,15 +401,29 @@ def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None
 
     # ---- artifact: quantise, compress, write; count bytes ----------------------------------------
     artifact_path = run_dir / ARTIFACT_NAME
-    code = code_bytes if code_bytes is not None else package_code_bytes()
     label = quant_label(cfg)
     report = None
+    gptq_seconds = 0.0
     if ctx.is_main:
         if cfg.train.save_raw:
             _save_raw(trainer.base_model, cfg, run_dir)
-        report, qtensors = build_artifact(export_state, cfg.model, cfg.quant, artifact_path, code_bytes=code, meta_extra=_artifact_extra(cfg))
+        hessians = None
+        if cfg.quant.gptq == "full":
+            # GPTQ Hessians read training data (or sample the model): training-time ledger (field-notes 1.8)
+            from pgolf.quant.calib import calibration_source
+            from pgolf.quant.gptq import collect_hessians
+
+            t_gptq = time.perf_counter()
+            source = calibration_source(cfg, trainer.base_model, trainer.amp_dtype)
+            hessians = collect_hessians(trainer.base_model, source, cfg.quant, amp_dtype=trainer.amp_dtype, progress=cfg.train.progress)
+            gptq_seconds = time.perf_counter() - t_gptq
+            logger.log(f"gptq_seconds:{gptq_seconds:.1f} layers:{len(hessians)} calibration:{source.describe()} "
+                       f"train_time_with_gptq:{stats['train_seconds'] + gptq_seconds:.1f}s")
+        report, qtensors = build_artifact(export_state, cfg.model, cfg.quant, artifact_path, code_bytes=code,
+                                          meta_extra=_artifact_extra(cfg), hessians=hessians, progress=cfg.train.progress)
         logger.log(
-            f"Serialized model {label}: {report.model_bytes} bytes (payload:{report.payload_bytes} codec:{report.codec})"
+            f"Serialized model {label}: {report.model_bytes} bytes (payload:{report.payload_bytes} codec:{report.codec} "
+            f"packing:{report.packing} choices:{report.choices})"
         )
         logger.log(f"Code size: {report.code_bytes} bytes")
         logger.log(f"Total submission size {label}: {report.total_bytes} bytes (budget {report.budget_bytes})")
@@ -413,6 +468,7 @@ def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None
             fits_budget=report.fits,
             artifact=ARTIFACT_NAME,
             quant_label=label,
+            gptq_seconds=gptq_seconds,
         )
         _write_json(run_dir / "summary.json", summary)
         logger.metric("summary", **{k: v for k, v in summary.items() if not isinstance(v, dict)})

@@ -1,0 +1,209 @@
+"""Eval-time budget: an estimate of how long an evaluation would take on 8xH100, from the FLOPs
+of *this* model, so a user sees whether it fits the challenge's 600 s evaluation limit.
+
+FLOPs are measured, not guessed: the model is rebuilt on the ``meta`` device (no memory, no
+compute) and ``torch.utils.flop_counter.FlopCounterMode`` counts one forward of ``token_nll`` on a
+window. Attention goes through PyTorch's math path there, so it is counted as two full T x T
+matmuls per layer (a causal kernel does about half of that); this convention is the same in the
+estimate and in the calibration below, so it cancels for models of the PR #401 shape. A forward
+costs ``body(W) + head * scored`` (body: everything up to the final norm; head: LM head and
+cross-entropy per scored position), measured at two ``first_scored`` values.
+
+Throughput assumption (stated in every estimate): the counted FLOPs run at the rate the logged
+records achieved with a model of this size on 8 x H100 SXM (989 TFLOP/s dense bf16 peak each):
+
+* eval forward FLOPs (standard, sliding, TTT scoring): calibrated on PR #374's stride-64 sliding
+  eval of the PR #401-shaped model at seq 2048, about 76 s for 62,021,632 targets
+  (techniques.md section 22);
+* TTT training FLOPs (forward + backward = 3 x forward): calibrated on the 2026-03-23 record's
+  legal TTT (chunk 32,768, 3 epochs, seq 2048, about 410 s in all, section 15.4), after its
+  scoring share is taken out at the eval rate. It is far below the eval rate: 1,893 sequential
+  chunks of tiny per-GPU batches.
+
+Smaller or narrower models use the GPU less well than these records did, so for them the
+estimate is a lower bound.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from pgolf.eval.config import TTTConfig
+from pgolf.model.config import ModelConfig
+
+H100_BF16_DENSE_PEAK = 989e12  # FLOP/s per H100 SXM, dense bf16 (NVIDIA datasheet)
+GPUS = 8
+OFFICIAL_VAL_TARGETS = 62_021_632  # fineweb_val_* targets, as logged by every record
+EVAL_LIMIT_SECONDS = 600.0
+# Calibration points (techniques.md sections 22 and 15.4).
+CALIB_SLIDING_SECONDS = 76.0  # PR #374, seq 2048, stride 64
+CALIB_TTT_SECONDS = 410.0  # 2026-03-23 record, legal TTT (chunk 32,768, 3 epochs, seq 2048, stride 64)
+CALIB_SEQ_LEN, CALIB_STRIDE, CALIB_TTT_CHUNK, CALIB_TTT_EPOCHS = 2048, 64, 32_768, 3
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """Counted FLOPs of one ``token_nll`` forward on a window of ``window`` tokens."""
+
+    window: int
+    body: float  # FLOPs independent of the number of scored positions
+    head: float  # FLOPs per scored position (LM head, softcap, cross-entropy)
+
+    def flops(self, scored: int) -> float:
+        return self.body + self.head * scored
+
+
+def forward_cost(model_cfg: ModelConfig, window: int) -> ForwardCost:
+    """Measured on the meta device (cached per config and window)."""
+    return _forward_cost(json.dumps(asdict(model_cfg), sort_keys=True), window)
+
+
+@functools.lru_cache(maxsize=32)
+def _forward_cost(cfg_json: str, window: int) -> ForwardCost:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pgolf.model.gpt import GPT
+
+    cfg = ModelConfig(**json.loads(cfg_json))
+    cfg.attention_backend = "sdpa"
+    with torch.device("meta"):
+        model = GPT(copy.deepcopy(cfg))
+        ids = torch.zeros(1, window, dtype=torch.int64)
+
+    def count(first: int) -> float:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model.token_nll(ids, ids, first)
+        return float(fc.get_total_flops())
+
+    if window == 1:
+        total = count(0)
+        return ForwardCost(window, total, 0.0)
+    all_scored, one_scored = count(0), count(window - 1)
+    head = (all_scored - one_scored) / (window - 1)
+    return ForwardCost(window, one_scored - head, head)
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs of each evaluation
+
+
+def standard_flops(model_cfg: ModelConfig, n_targets: int, seq_len: int) -> float:
+    n_seq = math.ceil(n_targets / seq_len)
+    return n_seq * forward_cost(model_cfg, seq_len).flops(seq_len)
+
+
+def sliding_flops(model_cfg: ModelConfig, n_targets: int, seq_len: int, stride: int) -> float:
+    window = min(seq_len, n_targets)
+    n_windows = 1 + max(0, math.ceil((n_targets - seq_len) / stride))
+    cost = forward_cost(model_cfg, window)
+    return n_windows * cost.body + n_targets * cost.head
+
+
+def ttt_train_flops(model_cfg: ModelConfig, n_targets: int, seq_len: int, ttt: TTTConfig) -> float:
+    """Forward + backward (3 x forward) over every trained sequence of every chunk but the last
+    (for LoRA, whose frozen weights need no weight gradients, this is an upper bound)."""
+    T = ttt.seq_len or seq_len
+    chunks = math.ceil(n_targets / ttt.chunk_tokens)
+    T_eff = min(T, ttt.chunk_tokens)
+    seqs_per_chunk = ttt.chunk_tokens // T_eff
+    trained = max(0, chunks - 1) * seqs_per_chunk * ttt.epochs
+    return 3.0 * trained * forward_cost(model_cfg, T_eff).flops(T_eff)
+
+
+# The two rates below are ``reference_rates()`` evaluated once and frozen: the FLOPs that the
+# PR #401 model at seq 2048 (pgolf's pr401 preset) spends on the calibration evaluations, divided
+# by their logged times. Freezing them keeps a training run (and a bundled train_gpt.py) from
+# rebuilding the reference model; a test checks they still equal reference_rates().
+EVAL_FLOPS_PER_SECOND = 2.5662093819697045e15
+TTT_TRAIN_FLOPS_PER_SECOND = 1.6586687907361725e14
+
+
+def reference_rates() -> tuple[float, float]:
+    """(eval FLOP/s, TTT-training FLOP/s) on 8 x H100, recomputed from the two logged records."""
+    from pgolf.config import load_config
+
+    ref = load_config("pr401", "8xh100").model
+    eval_flops = sliding_flops(ref, OFFICIAL_VAL_TARGETS, CALIB_SEQ_LEN, CALIB_STRIDE)
+    eval_rate = eval_flops / CALIB_SLIDING_SECONDS
+    ttt = TTTConfig(mode="sgd", chunk_tokens=CALIB_TTT_CHUNK, epochs=CALIB_TTT_EPOCHS)
+    train_flops = ttt_train_flops(ref, OFFICIAL_VAL_TARGETS, CALIB_SEQ_LEN, ttt)
+    train_rate = train_flops / (CALIB_TTT_SECONDS - CALIB_SLIDING_SECONDS)
+    return eval_rate, train_rate
+
+
+def calibrated_rates() -> tuple[float, float]:
+    return EVAL_FLOPS_PER_SECOND, TTT_TRAIN_FLOPS_PER_SECOND
+
+
+@dataclass(frozen=True)
+class EvalBudget:
+    n_targets: int
+    standard_s: float
+    sliding_s: float | None
+    ttt_s: float | None
+    eval_mfu: float
+    ttt_train_mfu: float
+
+    @property
+    def total_s(self) -> float:
+        """What a submission's eval would run: the standard pass plus the scored pass."""
+        return self.standard_s + (self.ttt_s if self.ttt_s is not None else (self.sliding_s or 0.0))
+
+    @property
+    def fits(self) -> bool:
+        return self.total_s <= EVAL_LIMIT_SECONDS
+
+    def assumption(self) -> str:
+        return (
+            f"8xH100 SXM, counted FLOPs at the records' throughput: eval {100 * self.eval_mfu:.0f}% of the "
+            f"{H100_BF16_DENSE_PEAK / 1e12:.0f} TFLOP/s bf16 peak (PR #374 sliding eval, 76 s), TTT training "
+            f"{100 * self.ttt_train_mfu:.1f}% (2026-03-23 record, 410 s); {self.n_targets:,} targets; lower bound for smaller models"
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "val_targets": self.n_targets,
+            "standard_seconds": self.standard_s,
+            "sliding_seconds": self.sliding_s,
+            "ttt_seconds": self.ttt_s,
+            "total_seconds": self.total_s,
+            "limit_seconds": EVAL_LIMIT_SECONDS,
+            "fits": self.fits,
+            "assumption": self.assumption(),
+        }
+
+    def log_line(self) -> str:
+        parts = [f"standard:{self.standard_s:.1f}s"]
+        if self.sliding_s is not None:
+            parts.append(f"sliding:{self.sliding_s:.1f}s")
+        if self.ttt_s is not None:
+            parts.append(f"ttt:{self.ttt_s:.1f}s")
+        parts.append(f"total:{self.total_s:.1f}s limit:{EVAL_LIMIT_SECONDS:.0f}s fits:{self.fits}")
+        return "eval_estimate_8xh100 " + " ".join(parts) + f" ({self.assumption()})"
+
+
+def estimate_8xh100(
+    model_cfg: ModelConfig,
+    seq_len: int,
+    stride: int = 0,
+    ttt: TTTConfig | None = None,
+    n_targets: int = OFFICIAL_VAL_TARGETS,
+) -> EvalBudget:
+    """Estimated 8xH100 seconds of the standard eval, the sliding eval (``stride`` > 0) and the
+    score-first TTT eval (``ttt.mode != off``; it scores with the sliding windows, or with
+    stride = seq_len when ``stride`` is 0) on ``n_targets`` targets (the official split by default)."""
+    eval_rate, train_rate = calibrated_rates()
+    peak = GPUS * H100_BF16_DENSE_PEAK
+    std = standard_flops(model_cfg, n_targets, seq_len) / eval_rate
+    sl = sliding_flops(model_cfg, n_targets, seq_len, stride) / eval_rate if stride else None
+    tt = None
+    if ttt is not None and ttt.mode != "off":
+        score = sliding_flops(model_cfg, n_targets, seq_len, stride or seq_len) / eval_rate
+        tt = score + ttt_train_flops(model_cfg, n_targets, seq_len, ttt) / train_rate
+    return EvalBudget(n_targets, std, sl, tt, eval_rate / peak, train_rate / peak)

@@ -1,0 +1,211 @@
+"""Dynamic causality check (the token-flip test of PR #1240, field-notes sections 1.1 and 2.3).
+
+Indexing as in ``pgolf.eval.sliding``: the stream ``v`` has N + 1 tokens; target i is ``v[i + 1]``.
+For a sampled stream position p (1 <= p <= N) the check replaces ``v[p]`` by another token,
+re-runs the *whole* evaluation on the changed stream, and requires that the scored NLL of every
+target before it (targets ``0 .. p - 2``, i.e. stream tokens ``v[1 .. p - 1]``) is unchanged up
+to a float tolerance. Target ``p - 1`` is the flipped token itself and targets after it may change.
+(Only NLLs are compared, so a model whose distribution at target ``p - 1`` reads that target
+itself is outside this test; a normalisation check covers that case, condition C2.)
+
+A legal evaluation passes: its score of ``v[j]`` may depend only on the artifact and ``v[0..j-1]``
+(condition C1 of issue #1017) and, with test-time training, the weights that score ``v[j]`` have
+only seen targets scored before it (C3, score before update). An evaluation that looks ahead
+(a non-causal model, a window that scores with later tokens, TTT that trains on a chunk before
+scoring it, or on the whole stream first) changes scores before p and fails.
+
+Modes: ``plain`` (the standard eval, through ``evaluate_standard`` itself), ``sliding`` and
+``ttt`` (score-first TTT as configured). ``check_causality`` also accepts any ``scorer``
+(stream -> per-target NLL), which is how the tests run deliberately illegal evaluations; no
+illegal mode exists in the package. Cost: one full evaluation per position (plus two for the
+baseline and its noise floor), so the audit runs on a prefix of the validation stream.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from pgolf.eval.bpb import ByteLUT
+from pgolf.eval.config import TTTConfig
+from pgolf.eval.standard import evaluate_standard
+
+# stream [N + 1] -> per-target NLL [N] (float64, CPU)
+Scorer = Callable[[Tensor], Tensor]
+MODES = ("plain", "sliding", "ttt")
+
+
+def make_scorer(
+    model: nn.Module,
+    lut: ByteLUT,
+    mode: str,
+    *,
+    seq_len: int,
+    stride: int = 0,
+    ttt_cfg: TTTConfig | None = None,
+    batch_windows: int = 32,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> Scorer:
+    """A single-process scorer that runs the package's own evaluation code for ``mode``."""
+    device = torch.device(device)
+    if mode == "plain":
+
+        def plain(tokens: Tensor) -> Tensor:
+            if (tokens.numel() - 1) % seq_len:
+                raise ValueError(f"plain mode needs a stream of whole {seq_len}-token windows (+1), got {tokens.numel()}")
+            parts: list[Tensor] = []
+
+            def recording_nll(x: Tensor, y: Tensor, first: int) -> Tensor:
+                out = model.token_nll(x, y, first)
+                parts.append(out.detach().float().reshape(-1).cpu())  # batches come in stream order (one rank)
+                return out
+
+            evaluate_standard(recording_nll, tokens, seq_len, lut, batch_tokens=seq_len * batch_windows, device=device, autocast_dtype=autocast_dtype)
+            return torch.cat(parts).to(torch.float64)
+
+        return plain
+    if mode == "sliding":
+        from pgolf.eval.sliding import evaluate_sliding
+
+        def sliding(tokens: Tensor) -> Tensor:
+            out = torch.zeros(tokens.numel() - 1, dtype=torch.float64)
+            evaluate_sliding(model.token_nll, tokens, seq_len, stride or seq_len, lut, batch_windows=batch_windows, device=device, autocast_dtype=autocast_dtype, token_nll_out=out)
+            return out
+
+        return sliding
+    if mode == "ttt":
+        from pgolf.eval.ttt import evaluate_ttt
+
+        if ttt_cfg is None or ttt_cfg.mode == "off":
+            raise ValueError("ttt mode needs a TTTConfig with mode sgd or lora")
+
+        def ttt(tokens: Tensor) -> Tensor:
+            out = torch.zeros(tokens.numel() - 1, dtype=torch.float64)
+            evaluate_ttt(model, tokens, lut, ttt_cfg, seq_len=seq_len, stride=stride or seq_len, batch_windows=batch_windows, device=device, autocast_dtype=autocast_dtype, token_nll_out=out)
+            return out
+
+        return ttt
+    raise ValueError(f"unknown causality mode {mode!r}; valid: {', '.join(MODES)}")
+
+
+@dataclass
+class PositionCheck:
+    position: int  # stream index p whose token was replaced
+    old_token: int
+    new_token: int
+    max_diff_before: float  # max |NLL change| over targets 0 .. p - 2
+    targets_before: int
+    changed_from: int  # targets at or after p - 1 whose NLL changed (0 would make the check vacuous)
+    passed: bool
+
+
+@dataclass
+class CausalityReport:
+    mode: str
+    n_targets: int
+    tolerance: float
+    noise_floor: float  # max |NLL difference| between two runs on the same stream
+    checks: list[PositionCheck] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def max_diff_before(self) -> float:
+        return max((c.max_diff_before for c in self.checks), default=0.0)
+
+    def summary(self) -> str:
+        bad = [c.position for c in self.checks if not c.passed]
+        verdict = "PASS" if self.passed else f"FAIL at positions {bad[:8]}"
+        return (
+            f"causality {self.mode}: {verdict} ({len(self.checks)} positions, {self.n_targets} targets, "
+            f"max |dNLL| before the flip {self.max_diff_before:.3g}, tolerance {self.tolerance:.3g}, "
+            f"noise floor {self.noise_floor:.3g}, {self.seconds:.1f}s)"
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "passed": self.passed,
+            "n_targets": self.n_targets,
+            "positions": len(self.checks),
+            "max_diff_before": self.max_diff_before,
+            "tolerance": self.tolerance,
+            "noise_floor": self.noise_floor,
+            "seconds": self.seconds,
+            "checks": [vars(c) for c in self.checks],
+        }
+
+
+def sample_positions(n_targets: int, count: int, seed: int) -> list[int]:
+    """``count`` distinct stream positions in [2, N] (p = 1 has no earlier target to check)."""
+    assert n_targets >= 2, "the causality check needs at least two targets"
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n_targets - 1, generator=gen)[: min(count, n_targets - 1)] + 2
+    return sorted(int(p) for p in perm)
+
+
+def check_causality(
+    model: nn.Module | None,
+    val_tokens: Tensor,
+    lut: ByteLUT | None,
+    *,
+    mode: str = "sliding",
+    seq_len: int = 1024,
+    stride: int = 64,
+    positions: int = 16,
+    seed: int = 0,
+    ttt_cfg: TTTConfig | None = None,
+    atol: float = 1e-6,
+    vocab_size: int | None = None,
+    batch_windows: int = 32,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    scorer: Scorer | None = None,
+    progress: bool = False,
+) -> CausalityReport:
+    """Flip one token at each of ``positions`` random stream positions and verify that no target
+    before it changes its NLL by more than ``max(atol, 4 * noise_floor)``.
+
+    ``scorer`` overrides the evaluation (then ``model``/``lut`` may be None); otherwise the
+    package's evaluation for ``mode`` runs on ``model``. Single process."""
+    t0 = time.perf_counter()
+    tokens = val_tokens.detach().to("cpu", torch.int64).clone()
+    n = tokens.numel() - 1
+    if scorer is None:
+        assert model is not None and lut is not None, "check_causality needs a model and a LUT, or a scorer"
+        scorer = make_scorer(model, lut, mode, seq_len=seq_len, stride=stride, ttt_cfg=ttt_cfg, batch_windows=batch_windows, device=device, autocast_dtype=autocast_dtype)
+    if vocab_size is None:
+        vocab_size = int(model.cfg.vocab_size) if model is not None and hasattr(model, "cfg") else int(tokens.max()) + 1
+    base = scorer(tokens)
+    again = scorer(tokens)
+    assert base.shape == (n,), f"scorer returned shape {tuple(base.shape)}, expected ({n},)"
+    noise = float((base - again).abs().max())
+    tol = max(atol, 4.0 * noise)
+    report = CausalityReport(mode, n, tol, noise)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pos_list = sample_positions(n, positions, seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(pos_list, desc=f"causality {mode}", unit="flip", leave=False, dynamic_ncols=True)
+    for p in bar if bar is not None else pos_list:
+        old = int(tokens[p])
+        new = (old + 1 + int(torch.randint(vocab_size - 1, (1,), generator=gen))) % vocab_size
+        flipped = tokens.clone()
+        flipped[p] = new
+        nll = scorer(flipped)
+        before = (nll[: p - 1] - base[: p - 1]).abs()
+        max_before = float(before.max()) if before.numel() else 0.0
+        changed = int(((nll[p - 1 :] - base[p - 1 :]).abs() > tol).sum())
+        report.checks.append(PositionCheck(p, old, new, max_before, p - 1, changed, max_before <= tol))
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,189 @@
+"""`pgolf bundle`: the generated single-file train_gpt.py (pgolf.submit.bundle, pgolf.submit.entry)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from pgolf.cli import main as cli
+from pgolf.config import load_config
+from pgolf.submit.bundle import WRAPPERS, BundleError, read_bundle, render, shake
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A baseline run small enough for seconds on a CPU (every stage of a real run).
+TINY = [
+    ("model.vocab_size", 512), ("model.num_layers", 2), ("model.model_dim", 64), ("model.num_heads", 4),
+    ("model.num_kv_heads", 2), ("train.iterations", 3), ("train.max_wallclock_seconds", 0.0),
+    ("train.train_seq_len", 64), ("train.train_batch_tokens", 512), ("train.train_log_every", 1),
+    ("train.progress", False), ("train.autocast", "off"), ("eval.val_batch_tokens", 4096),
+]
+
+
+def tiny_set_args() -> list[str]:
+    out = []
+    for k, v in TINY:
+        out += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+    return out
+
+
+def make_tiny_data(folder: Path) -> Path:
+    """A prepared data folder (shards, a 512-piece tokenizer, manifest with doc hashes) of synthetic words."""
+    from pgolf.data.prepare import prepare_dataset
+
+    rng = random.Random(0)
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(3000)]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(50, 300))) + "." for _ in range(400)]
+    src = folder.parent / f"{folder.name}.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare_dataset(src, folder, train_tokenizer=True, vocab_size=512, val_docs=40, progress=False)
+    return folder
+
+
+def isolated_env(**extra: str) -> dict[str, str]:
+    """Environment for `python -S`: only the third-party site-packages on the path, so the editable
+    pgolf install (a .pth file, processed by site) cannot be imported."""
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "PYTHONPATH": os.pathsep.join(paths)}
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------------------------------------
+# unit: shaking and packing
+
+
+def test_shake_drops_unreachable_definitions_and_their_imports():
+    sources = {
+        "pgolf.a": "from pgolf.b import used, unused\nX = 1\ndef main():\n    return used() + getattr(X, 'by_name', 0)\ndef dead():\n    return unused()\n",
+        "pgolf.b": "def used():\n    return helper()\ndef helper():\n    return 1\ndef unused():\n    return 2\ndef by_name():\n    return 3\nclass Dead:\n    pass\n",
+    }
+    out = shake(sources, {"main"})
+    assert "def dead" not in out["pgolf.a"] and "unused" not in out["pgolf.a"]  # the import lost the name too
+    assert "def used" in out["pgolf.b"] and "def helper" in out["pgolf.b"] and "def by_name" in out["pgolf.b"]
+    assert "def unused" not in out["pgolf.b"] and "class Dead" not in out["pgolf.b"]
+
+
+FAKE = {
+    "pgolf": "VERSION = 'fake'",
+    "pgolf.submit": "",
+    "pgolf.submit.entry": (
+        "import sys\nfrom importlib import resources\n"
+        "def main(config, script):\n"
+        "    import pgolf\n"
+        "    print('ran', config['k'], pgolf.VERSION, resources.files('pgolf').joinpath('data', 'x.toml').read_text())\n"
+        "    try:\n        import pgolf.model\n    except ImportError as exc:\n        print('refused', exc)\n"
+    ),
+    "pgolf/data/x.toml": "a = 1",
+}
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_every_wrapper_runs_its_embedded_code_only(tmp_path, wrapper):
+    text = render(FAKE, {"k": "v"}, wrapper, "header")
+    script = tmp_path / "train_gpt.py"
+    script.write_text(text)
+    assert text.isascii() and text.startswith("# header\n")
+    assert read_bundle(script) == ({"k": "v"}, FAKE)
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "ran v fake a = 1" in out.stdout  # the embedded pgolf, not the installed one
+    assert "refused pgolf.model is not in this bundle" in out.stdout  # never falls back to the installed pgolf
+
+
+def test_read_bundle_rejects_other_files(tmp_path):
+    (tmp_path / "train_gpt.py").write_text("print('hello')\n")
+    with pytest.raises(BundleError, match="not a file made by pgolf bundle"):
+        read_bundle(tmp_path / "train_gpt.py")
+
+
+# ------------------------------------------------------------------------------------------------
+# the real thing: bundle a configuration, run the file standalone
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    """(data folder, a verified bundle of the tiny baseline, the `pgolf bundle` output)."""
+    root = tmp_path_factory.mktemp("bundle")
+    data = make_tiny_data(root / "data")
+    out = root / "out" / "train_gpt.py"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli(["bundle", "--preset", "baseline", "--profile", "cpu", *tiny_set_args(), "--out", str(out)]) == 0
+    return data, out, buf.getvalue()
+
+
+@pytest.mark.slow  # the module fixture bundles (a probe and a verification run), ~15-30 s
+def test_bundle_command_reports_the_bytes_of_a_verified_file(bundled):
+    data, script, printed = bundled
+    size = script.stat().st_size
+    assert f"code bytes: {size}" in printed and "verified by a run" in printed
+    config, modules = read_bundle(script)
+    assert config["preset"] == "baseline" and config["data"]["path"] == "./data/datasets/fineweb10B_sp512"
+    assert "pgolf.submit.entry" in modules and "pgolf.train.loop" in modules
+    for unused in ("pgolf.optim.normuon", "pgolf.quant.qat", "pgolf.data.prepare", "pgolf.cli", "pgolf.submit.bundle"):
+        assert unused not in modules  # techniques the baseline does not use, and the tooling
+    assert size < sum(len(s) for s in modules.values())  # compressed pays
+
+
+@pytest.mark.slow  # the module fixture bundles (a probe and a verification run), ~15-30 s
+def test_bundle_runs_standalone_outside_the_repository(bundled, tmp_path):
+    data, script, _ = bundled
+    work = tmp_path / "submission"
+    work.mkdir()
+    shutil.copy(script, work / "train_gpt.py")
+    assert not str(work).startswith(str(REPO))
+    env = isolated_env(DATA_PATH=str(data), TOKENIZER_PATH=str(data / "pgolf_512_bpe.model"), SEED="7", RUN_ID="solo")
+    probe = subprocess.run([sys.executable, "-S", "-c", "import pgolf"], cwd=work, env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'pgolf'" in probe.stderr  # the package is not reachable
+    out = subprocess.run([sys.executable, "-S", "train_gpt.py"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    run = work / "logs" / "solo"
+    log = (run / "log.txt").read_text()
+    size = (work / "train_gpt.py").stat().st_size
+    assert "code_source:bundle" in out.stdout
+    assert "step:1/3 train_loss:" in log and "step:3/3 train_loss:" in log  # it trains
+    assert (run / "final_model.pgolf").is_file() and "final_int8_zlib_roundtrip_exact" in log  # artifact + round trip
+    assert f"Code size: {size} bytes" in log  # its own size is the code size
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["code_bytes"] == size and summary["seed"] == 7  # SEED from the environment
+
+
+@pytest.mark.slow
+def test_bundle_runs_under_torchrun_with_two_cpu_processes(bundled, tmp_path):
+    data, script, _ = bundled
+    shutil.copy(script, tmp_path / "train_gpt.py")
+    env = {**os.environ, "DATA_PATH": str(data), "TOKENIZER_PATH": str(data / "pgolf_512_bpe.model"), "RUN_ID": "ddp", "OMP_NUM_THREADS": "1"}
+    for k in [k for k in env if k.startswith("PGOLF_") and k != "PGOLF_CACHE"]:
+        env.pop(k)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    log = (tmp_path / "logs" / "ddp" / "log.txt").read_text()
+    assert "world_size:2" in log and "step:3/3 train_loss:" in log
+    assert f"Code size: {(tmp_path / 'train_gpt.py').stat().st_size} bytes" in log
+    assert (tmp_path / "logs" / "ddp" / "final_model.pgolf").is_file()
+
+
+@pytest.mark.slow  # the module fixture bundles (a probe and a verification run), ~15-30 s
+def test_package_code_bytes_bounds_the_bundle(bundled):
+    from pgolf.submit.artifact import package_code_bytes
+    import pgolf.eval.suite  # noqa: F401  (what a run has loaded)
+    import pgolf.train.loop  # noqa: F401
+
+    _, script, _ = bundled
+    cfg = load_config("baseline", "cpu", TINY)
+    estimate = package_code_bytes(cfg)
+    assert script.stat().st_size <= estimate < 4 * script.stat().st_size
