@@ -18,7 +18,7 @@ DEFAULT_SECONDS = 120.0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("run", help="the whole job on the demo corpus: train, export, reload, evaluate (CPU, ~4 min)")
+    p = sub.add_parser("run", help="the whole job on the demo corpus: train, export, reload, evaluate (CPU, ~3 min)")
     add_config_args(p, default_preset=DEFAULT_RECIPE)
     p.set_defaults(profile="cpu")
     p.add_argument("--out", default=None, help="run folder (default: runs/run-<date>-<time>)")
