@@ -20,6 +20,16 @@ def config_from_args(args: argparse.Namespace, extra: list[tuple[str, object]] |
     return load_config(args.preset, args.profile, overrides)
 
 
+def data_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """``--data`` / ``--tokenizer`` / ``--seed`` (where a command has them) as config overrides."""
+    out: list[tuple[str, object]] = []
+    for flag, key in (("data", "data.path"), ("tokenizer", "data.tokenizer"), ("seed", "train.seed")):
+        value = getattr(args, flag, None)
+        if value is not None and value != "":
+            out.append((key, value))
+    return out
+
+
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=float)
     sys.stdout.write("\n")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pgolf.cli.common import add_config_args, config_from_args
+from pgolf.cli.common import add_config_args, config_from_args, data_overrides
 
 
 def register(sub) -> None:
@@ -102,12 +102,7 @@ def run_record(args: argparse.Namespace) -> int:
 def run_seeds(args: argparse.Namespace) -> int:
     from pgolf.submit.seeds import parse_seeds, run_seeds as train_seeds
 
-    extra: list[tuple[str, object]] = []
-    if args.data:
-        extra.append(("data.path", args.data))
-    if args.tokenizer:
-        extra.append(("data.tokenizer", args.tokenizer))
-    cfg = config_from_args(args, extra)
+    cfg = config_from_args(args, data_overrides(args))
     dirs = train_seeds(cfg, parse_seeds(args.seeds), args.out)
     print()
     return _print_stats([str(d) for d in dirs], args)

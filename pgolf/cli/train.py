@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pgolf.cli.common import add_config_args, config_from_args
+from pgolf.cli.common import add_config_args, config_from_args, data_overrides
 
 
 def register(sub) -> None:
@@ -21,14 +21,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pgolf.train.loop import run_training
 
-    extra: list[tuple[str, object]] = []
-    if args.data:
-        extra.append(("data.path", args.data))
-    if args.tokenizer:
-        extra.append(("data.tokenizer", args.tokenizer))
-    if args.seed is not None:
-        extra.append(("train.seed", args.seed))
-    cfg = config_from_args(args, extra)
+    cfg = config_from_args(args, data_overrides(args))
     summary = run_training(cfg, args.out)
     print(f"run folder: {args.out}  val_bpb(roundtrip): {summary['val_bpb_roundtrip']:.4f}")
     return 0
