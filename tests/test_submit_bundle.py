@@ -11,6 +11,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pgolf.cli import main as cli
@@ -89,10 +90,13 @@ FAKE = {
 
 @pytest.mark.parametrize("wrapper", WRAPPERS)
 def test_every_wrapper_runs_its_embedded_code_only(tmp_path, wrapper):
-    text = render(FAKE, {"k": "v"}, wrapper, "header")
+    data = render(FAKE, {"k": "v"}, wrapper, "header")
     script = tmp_path / "train_gpt.py"
-    script.write_text(text)
-    assert text.isascii() and text.startswith("# header\n")
+    script.write_bytes(data)
+    if wrapper.endswith("-latin1"):  # binary-looking, but a valid source file that names its encoding
+        assert data.startswith(b"# header; coding: latin-1\n") and not data.isascii()
+    else:
+        assert data.isascii() and data.startswith(b"# header\n")
     assert read_bundle(script) == ({"k": "v"}, FAKE)
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -187,3 +191,17 @@ def test_package_code_bytes_bounds_the_bundle(bundled):
     cfg = load_config("baseline", "cpu", TINY)
     estimate = package_code_bytes(cfg)
     assert script.stat().st_size <= estimate < 4 * script.stat().st_size
+
+
+def test_latin1_literal_round_trips_every_byte(tmp_path):
+    """Every byte value (and a random tail) survives the latin-1 literal through CPython's own
+    tokenizer, and only the five bytes that cannot stand for themselves are escaped."""
+    from pgolf.submit.bundle import LATIN1_COOKIE, latin1_literal
+
+    blob = bytes(range(256)) * 3 + np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
+    script = tmp_path / "t.py"
+    script.write_bytes(f"# {LATIN1_COOKIE}\nimport sys;sys.stdout.write('{latin1_literal(blob)}'.encode('latin-1').hex())\n".encode("latin-1"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert bytes.fromhex(out.stdout) == blob
+    assert len(latin1_literal(bytes(range(256)))) == 256 + 7  # NUL +3, LF CR ' \ +1 each

@@ -116,9 +116,9 @@ def test_clean_record_passes_every_rule(made, capsys):
 
 
 def _edit(path: Path, old: str, new: str, count: int = 1) -> None:
-    text = path.read_text()
+    text = path.read_bytes().decode("latin-1")  # byte-preserving for any file (a bundle may be latin-1)
     assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, count))
+    path.write_bytes(text.replace(old, new, count).encode("latin-1"))
 
 
 def _edit_json(path: Path, **changes) -> None:
@@ -137,7 +137,7 @@ def _rerender(rec: Path, config_change=None, module_change=None) -> None:
         config_change(config)
     if module_change:
         module_change(modules)
-    (rec / "train_gpt.py").write_text(render(modules, config, "lzma"))
+    (rec / "train_gpt.py").write_bytes(render(modules, config, "lzma"))
 
 
 def _plant_leak(rec: Path, data: Path) -> Path:

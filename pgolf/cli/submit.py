@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from pgolf.cli.common import add_config_args, config_from_args, data_overrides
+from pgolf.submit.bundle import WRAPPERS
 
 
 def register(sub) -> None:
@@ -17,8 +18,8 @@ def register(sub) -> None:
                        "environment variables as overrides. Runs it once on tiny synthetic data to verify it.")
     add_config_args(p)
     p.add_argument("--out", required=True, help="the file to write, e.g. DIR/train_gpt.py")
-    p.add_argument("--wrapper", default="auto", choices=("auto", "plain", "lzma", "brotli", "zstd"),
-                   help="auto (default): the smallest of plain, lzma/brotli/zstd + base85")
+    p.add_argument("--wrapper", default="auto", choices=("auto",) + WRAPPERS,
+                   help="auto (default): the smallest of plain, lzma/brotli/zstd + base85 (ASCII) and lzma/brotli/zstd + latin-1 literal")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the verification run of the written file")
     p.set_defaults(func=run_bundle)
 
@@ -34,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--date", default=None, help="YYYY-MM-DD (default: today)")
     p.add_argument("--out", default=None, help="record folder (default: records/track_10min_16mb/<date>_<name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing record folder")
-    p.add_argument("--wrapper", default="auto", choices=("auto", "plain", "lzma", "brotli", "zstd"))
+    p.add_argument("--wrapper", default="auto", choices=("auto",) + WRAPPERS)
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the bundle's verification run")
     p.set_defaults(func=run_record)
 

@@ -170,10 +170,10 @@ def requirements_for(modules: dict[str, str], wrapper: str) -> list[str]:
                 tops.update(a.name.split(".")[0] for a in n.names)
             elif isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
                 tops.add(n.module.split(".")[0])
-    from pgolf.submit.bundle import CODEC_MODULE
+    from pgolf.submit.bundle import CODEC_MODULE, codec_of
 
-    if wrapper in CODEC_MODULE:
-        tops.add(CODEC_MODULE[wrapper])
+    if codec_of(wrapper):
+        tops.add(CODEC_MODULE[codec_of(wrapper)])
     tops -= set(sys.stdlib_module_names) | {"pgolf", "__future__"}
     dists = importlib.metadata.packages_distributions()
     pins = set()
