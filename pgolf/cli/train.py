@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from pgolf.cli.common import add_config_args, config_from_args, data_overrides
 
@@ -23,5 +24,6 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, data_overrides(args))
     summary = run_training(cfg, args.out)
-    print(f"run folder: {args.out}  val_bpb(roundtrip): {summary['val_bpb_roundtrip']:.4f}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary; one line is enough
+        print(f"run folder: {args.out}  val_bpb(roundtrip): {summary['val_bpb_roundtrip']:.4f}")
     return 0

@@ -327,7 +327,11 @@ def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None 
         if ctx.is_main:
             prepare_run_dir(run_dir)
         barrier()
-        return _run(cfg, run_dir, ctx, code_bytes, predict_size)
+        summary = _run(cfg, run_dir, ctx, code_bytes, predict_size)
+        # every rank reaches here before any tears the group down: a gloo rank that destroys its
+        # group while its peer still holds pending traffic aborts at exit (SIGABRT, seen ~1 in 6)
+        barrier()
+        return summary
     finally:
         if ctx.distributed:
             shutdown_distributed()
