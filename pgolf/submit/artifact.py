@@ -161,7 +161,7 @@ def package_code_bytes(cfg=None) -> int:
     """Upper bound on the code bytes of this run's submission: the size of the single-file
     ``train_gpt.py`` that ``pgolf bundle`` would generate from the pgolf modules loaded so far plus
     every pgolf module they can import lazily (command-line and submission tooling excluded),
-    shaken, minified and lzma-packed with ``cfg`` embedded (the full default config if None).
+    shaken, minified and lzma-packed (latin-1 literal) with ``cfg`` embedded (the full default config if None).
     ``pgolf bundle`` writes the real file, a few KB smaller (fewer modules, the best wrapper); a
     bundled train_gpt.py passes its exact size as ``code_bytes`` instead."""
     from pgolf.submit.bundle import estimate_code_bytes

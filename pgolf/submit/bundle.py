@@ -395,8 +395,9 @@ def pack(modules: dict[str, str], config: dict[str, Any], wrapper: str = "auto")
 def estimate_code_bytes(module_names: list[str], cfg: RunConfig | None = None) -> int:
     """Upper bound on ``pgolf bundle``'s file for a run that has loaded ``module_names``: those
     modules plus every pgolf module they could import lazily, shaken, minified and packed with
-    lzma (``pgolf bundle`` keeps the smallest wrapper). Without ``cfg`` the embedded config is the
-    full default config, longer than any real bundle's (which stores only the changed keys)."""
+    lzma as a latin-1 literal (``pgolf bundle`` keeps the smallest wrapper, one of which this is).
+    Without ``cfg`` the embedded config is the full default config, longer than any real bundle's
+    (which stores only the changed keys)."""
     names = {n for n in module_names if n.split(".")[0] == "pgolf" and not n.startswith(TOOLING)} | set(ALWAYS)
     todo = list(names)
     while todo:  # close over static pgolf imports (lazy ones included)
@@ -405,7 +406,7 @@ def estimate_code_bytes(module_names: list[str], cfg: RunConfig | None = None) -
         todo += sorted(new)
     modules, _raw = prepare_sources(sorted(names), check=False)
     config = bundle_config(cfg) if cfg is not None else to_dict(RunConfig())
-    return len(render(modules, config, "lzma", header_line(config, modules, "lzma")))
+    return len(render(modules, config, "lzma-latin1", header_line(config, modules, "lzma-latin1")))
 
 
 # ------------------------------------------------------------------------------------------------
