@@ -340,18 +340,18 @@ def render(modules: dict[str, str], config: dict[str, Any], wrapper: str, header
     for name in sorted(modules):
         parts += [name, modules[name]]
     assert not any("\0" in p for p in parts)
+    latin1 = wrapper.endswith("-latin1")
+    head = f"# {'; '.join(filter(None, (header, LATIN1_COOKIE if latin1 else '')))}\n" if header or latin1 else ""
     if wrapper == "plain":
-        return f"{f'# {header}' + chr(10) if header else ''}S={parts!r}\nexec(S[0])\n".encode("utf-8")
+        return f"{head}S={parts!r}\nexec(S[0])\n".encode("utf-8")
     codec = codec_of(wrapper)
     blob = _codec(codec)[0]("\0".join(parts).encode("utf-8"))
     mod = CODEC_MODULE[codec]
-    if wrapper.endswith("-latin1"):
-        head = f"# {header}; {LATIN1_COOKIE}\n" if header else f"# {LATIN1_COOKIE}\n"
-        body = f"import {mod};S={mod}.decompress('{latin1_literal(blob)}'.encode('latin-1')).decode().split('\\0');exec(S[0])\n"
-        return (head + body).encode("latin-1")
-    head = f"# {header}\n" if header else ""
-    text = base64.b85encode(blob).decode("ascii")
-    return f"{head}import {mod},base64;S={mod}.decompress(base64.b85decode('{text}')).decode().split('\\0');exec(S[0])\n".encode("ascii")
+    if latin1:
+        body = f"import {mod};S={mod}.decompress('{latin1_literal(blob)}'.encode('latin-1'))"
+    else:
+        body = f"import {mod},base64;S={mod}.decompress(base64.b85decode('{base64.b85encode(blob).decode('ascii')}'))"
+    return f"{head}{body}.decode().split('\\0');exec(S[0])\n".encode("latin-1" if latin1 else "ascii")
 
 
 def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
