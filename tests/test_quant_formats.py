@@ -16,7 +16,11 @@ def test_format_grammar() -> None:
     assert (f.bits, f.clip, f.grid, f.qmin, f.qmax) == (6, "max", "full", -32, 31)
     assert parse_format("int5").spec() == "int5:q:sym" and parse_format("int5").qmin == -15
     assert parse_format("FP16").spec() == "fp16"
-    for bad in ("int1", "int9", "int6:foo", "float8", "int"):
+    assert parse_format("int8:q:sym:stored").spec() == "int8:q:sym" and parse_format("int8").rounding == "stored"
+    f = parse_format("int6:fp32div:max")  # options in any order; only the non-default rounding is spelled out
+    assert (f.clip, f.rounding, f.spec()) == ("max", "fp32div", "int6:max:sym:fp32div")
+    assert parse_format(f.spec()) == f
+    for bad in ("int1", "int9", "int6:foo", "float8", "int", "int8:q:sym:fp16div"):
         with pytest.raises(ValueError):
             parse_format(bad)
 
@@ -34,10 +38,12 @@ def test_every_width_stays_on_its_grid_and_round_trips(bits: int, grid: str) -> 
     assert ((deq - w).abs() <= step * 0.5 + 1e-6).all()  # row max clip: nothing is clipped
 
 
-def test_row_quantile_matches_torch_quantile() -> None:
-    x = torch.randn(20, 1536).abs()
-    for q in (0.5, 0.999, 0.9999984, 1.0):
-        assert torch.allclose(row_quantile(x, q), torch.quantile(x, q, dim=1), rtol=1e-4)  # torch rounds q to fp32
+def test_row_quantile_matches_torch_quantile_bit_for_bit() -> None:
+    # the submissions' clips are torch.quantile's: q rounded to fp32, an fp32 rank, lerp
+    for cols in (1, 2, 17, 300, 512, 1536):
+        x = torch.randn(20, cols).abs()
+        for q in (0.0, 0.3, 0.5, 0.999, 0.9995, 0.9999, 0.99999, 0.9999984, 1.0):
+            assert torch.equal(row_quantile(x, q), torch.quantile(x, q, dim=1)), (cols, q)
 
 
 def test_scale_floor_and_no_zero_scale() -> None:
@@ -73,13 +79,13 @@ def _names(preset: str) -> dict[str, str]:
 def test_presets_mixed_precision_policy() -> None:
     f401 = _names("pr401")
     assert f401["blocks.0.attn.c_q.weight"] == f401["blocks.10.mlp.proj.weight"] == "int6:max:full"
-    assert f401["tok_emb.weight"] == f401["bigram.embed.weight"] == f401["ve_shared.embed.weight"] == "int8:q:sym"
+    assert f401["tok_emb.weight"] == f401["bigram.embed.weight"] == f401["ve_shared.embed.weight"] == "int8:q:sym:fp32div"
     assert f401["bigram.proj.weight"] == f401["ve_shared.proj.weight"] == "fp16"  # <= 65,536 elements
     for control in ("blocks.3.attn_scale", "blocks.3.resid_mix", "blocks.3.attn.q_gain", "skip_weights", "smear.gate", "bigram.scale",
                     "ve_layer_scales.0", "ve_shared.scale"):
         assert f401[control] == "fp32", control  # really fp32 (the submissions stored fp16)
     f89 = _names("pr89")
-    assert f89["tok_emb.weight"] == "fp16" and f89["blocks.0.mlp.fc.weight"] == "int6:q:sym"
+    assert f89["tok_emb.weight"] == "fp16" and f89["blocks.0.mlp.fc.weight"] == "int6:q:sym:fp32div"
 
 
 def test_name_patterns_come_first_and_int5_mlp() -> None:

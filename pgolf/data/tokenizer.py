@@ -82,8 +82,9 @@ def load_tokenizer(path: str | Path, expected_vocab: int | None = None) -> spm.S
     n = int(sp.vocab_size())
     if expected_vocab is not None and n != expected_vocab:
         raise DataError(
-            f"tokenizer {path} has {n} pieces but model.vocab_size is {expected_vocab}: use the tokenizer "
-            f"the shards were made with, or set model.vocab_size={n}"
+            f"tokenizer {path} has {n} pieces but model.vocab_size is {expected_vocab}: point --data at "
+            f"sp{expected_vocab} shards (`pgolf data fetch --variant sp{expected_vocab}`, or `pgolf data prepare "
+            f"--train-tokenizer --vocab-size {expected_vocab}` on your documents), or set model.vocab_size={n}"
         )
     return sp
 

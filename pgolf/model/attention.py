@@ -56,6 +56,11 @@ def resolve_attention_kernel(backend: str, device: torch.device | str | None = N
     return flash3_attention
 
 
+def ungated(attn: nn.Module, y: Tensor, x: Tensor, q_raw: Tensor) -> Tensor:
+    """The attention output gate when none is configured (see ``pgolf.model.gates``)."""
+    return y
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(
         self,
@@ -68,6 +73,11 @@ class CausalSelfAttention(nn.Module):
         *,
         xsa: bool = False,
         kernel: AttentionKernel = sdpa_attention,
+        rope_ntk_train_len: int = 0,
+        out_gate: str = "none",
+        gate_window: int = 12,
+        gate_src: str = "proj",
+        gate_scale: float = 1.0,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -79,18 +89,26 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(dim, kv_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(rope_dims, rope_base)
+        self.rotary = Rotary(rope_dims, rope_base, rope_ntk_train_len)
         self.xsa: nn.Module = Passthrough()
         if xsa:
             from pgolf.model.xsa import ExclusiveSelfAttention
 
             self.xsa = ExclusiveSelfAttention()
         self.kernel = kernel
+        # A plain function chosen here (not a branch in forward); the parameters sit on this module.
+        self.output_gate = ungated
+        if out_gate != "none":
+            from pgolf.model.gates import GATE_FUNCTIONS, add_gate_parameters
+
+            self.output_gate = GATE_FUNCTIONS[out_gate]
+            add_gate_parameters(self, out_gate, dim, num_heads, gate_window, gate_src, gate_scale)
 
     def forward(self, x: Tensor, value_embed: Tensor | None = None) -> Tensor:
         """x: [B, T, dim]; value_embed: [B, T, kv_dim] added to c_v(x) (shared VE layers)."""
         b, t, _ = x.shape
-        q = self.c_q(x).reshape(b, t, self.num_heads, self.head_dim)
+        q_raw = self.c_q(x)
+        q = q_raw.reshape(b, t, self.num_heads, self.head_dim)
         k = self.c_k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.c_v(x)
         if value_embed is not None:
@@ -101,4 +119,5 @@ class CausalSelfAttention(nn.Module):
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = self.kernel(q, k, v)
         y = self.xsa(y, v)
+        y = self.output_gate(self, y, x, q_raw)
         return self.proj(y.reshape(b, t, -1))

@@ -23,6 +23,13 @@ CONTROL_TENSOR_PATTERNS = (
     "ve_layer_scales",
     "ve_shared.scale",
     "bigram.scale",
+    # frontier records (R3-R7): sigmoid skip gates, two-lane lambdas, attention output gates,
+    # SmearGate v2 (``smear_gate.weight``, ``smear_lambda``: covered by "smear").
+    "skip_gates",
+    "parallel_post_lambdas",
+    "parallel_resid_lambdas",
+    "attn_gate_proj",
+    "attn_gate_w",
 )
 
 
@@ -45,8 +52,13 @@ class ModelConfig:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     # --- positions -----------------------------------------------------------------------------
-    rope_base: float = 10000.0  # the submissions' NTK-scaled bases are preset values
+    rope_base: float = 10000.0
     rope_dims: int = 0  # rotated dims per head; 0 means all of head_dim (partial RoPE if < head_dim)
+    # none: the base is fixed (baseline, R4-R7: "YaRN off"). ntk: the PR #201/#401/R1-R3 scripts'
+    # rule, decided per call from the sequence length T: base * (T / rope_ntk_train_len)^(r/(r-2))
+    # when T > rope_ntk_train_len (r = rotated dims), else base.
+    rope_scaling: str = "none"
+    rope_ntk_train_len: int = 1024
     # --- init ----------------------------------------------------------------------------------
     tied_embed_init_std: float = 0.005
     embed_init: str = "normal"  # normal | overtone (spectral power-law, PR #201)
@@ -66,6 +78,32 @@ class ModelConfig:
     ve_table_init_std: float = 0.01
     doc_aware: bool = False  # SmearGate/BigramHash do not mix across BOS (off in the record presets)
     bos_id: int = 1
+    # --- frontier records (R3-R7, frontier.md section 3) ----------------------------------------
+    # Depth recurrence: physical layers loop_start..loop_end repeated num_loops extra times in the
+    # virtual layer list; off when num_loops = 0. Training switches the loops on at the training
+    # fraction loop_enable_at (0 = from the start); evaluation always runs with loops on.
+    loop_start: int = 0
+    loop_end: int = 0
+    num_loops: int = 0
+    loop_enable_at: float = 0.0
+    skip_gates: bool = False  # sigmoid-gated U-Net skips: x <- sig(g) x + (1 - sig(g)) w s (R3+)
+    # Parallel residuals from physical layer parallel_start: gptj (R5: attention and MLP both read
+    # the block input) or two_lane (R6/R7: attention lane and MLP lane with learned lambdas).
+    parallel_residual: str = "none"  # none | gptj | two_lane
+    parallel_start: int = 0
+    parallel_final_lane: str = "mean"  # two_lane: mean | attn | mlp
+    parallel_resid_lambda_init: float = 1.1
+    # Per-head gate on the attention output (after XSA, before the projection); one kind at most.
+    attn_out_gate: str = "none"  # none | attn_out (PR #1667) | dense (PR #1736) | sparse (R6/R7)
+    attn_out_gate_src: str = "proj"  # attn_out only: proj (normalised block input) | q (raw q projection)
+    gate_window: int = 12  # input dims read by the attn_out and sparse gates (and SmearGate v2)
+    sparse_gate_scale: float = 1.0  # sparse: g = sigmoid(scale * W x[:window]); R6 1.0, R7 0.5
+    sparse_gate_init_std: float = 0.0
+    dense_gate_init_std: float = 0.01
+    # SmearGate v2 (input-dependent, on the raw embedding, before the embedding norm; R7) and R7's
+    # fix that never smears into a BOS position (without it packed documents leak into each other).
+    smear_gate_v2: bool = False
+    smear_bos_mask: bool = True
     # --- kernels -------------------------------------------------------------------------------
     attention_backend: str = "auto"  # auto | sdpa | flash3 (flash3 needs flash_attn_interface on CUDA)
 
@@ -84,6 +122,20 @@ class ModelConfig:
     @property
     def effective_rope_dims(self) -> int:
         return self.rope_dims if self.rope_dims > 0 else self.head_dim
+
+    def virtual_layers(self, looping: bool) -> list[int]:
+        """The physical block index of every virtual layer, in order (frontier.md 3.1): without
+        loops (or with looping off) 0..L-1; with loops [0..a-1] + (a..b) x (n+1) + [b+1..L-1]."""
+        plain = list(range(self.num_layers))
+        if not looping or self.num_loops <= 0:
+            return plain
+        a, b = self.loop_start, self.loop_end
+        return plain[:a] + list(range(a, b + 1)) * (self.num_loops + 1) + plain[b + 1 :]
+
+    def num_skip_weights(self) -> int:
+        """U-Net skip rows: min(|encoder|, |decoder|) of the longest virtual list (loops on)."""
+        n = len(self.virtual_layers(looping=True))
+        return min(n // 2, n - n // 2)
 
     def resolved_ve_layers(self) -> list[int]:
         """VE layer indices as non-negative block indices, sorted and de-duplicated."""
@@ -130,5 +182,34 @@ class ModelConfig:
                 raise bad("ve_layers", f"index {i} is outside 0..{self.num_layers - 1} (or -1..-{self.num_layers})")
         if self.ve_layers and self.ve_dim <= 0:
             raise bad("ve_dim", f"must be positive when ve_layers is set, got {self.ve_dim}")
+        if self.rope_scaling not in ("none", "ntk"):
+            raise bad("rope_scaling", f"must be none or ntk, got {self.rope_scaling!r}")
+        if self.rope_scaling == "ntk" and (r <= 2 or self.rope_ntk_train_len < 1):
+            raise bad("rope_scaling", f"ntk needs rope_dims > 2 and rope_ntk_train_len >= 1 (rotated dims {r})")
+        if self.num_loops < 0:
+            raise bad("num_loops", f"must be >= 0, got {self.num_loops}")
+        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+            raise bad("loop_start", f"loops need 0 <= loop_start <= loop_end < num_layers={self.num_layers}, got {self.loop_start}..{self.loop_end}")
+        if not 0.0 <= self.loop_enable_at < 1.0:
+            raise bad("loop_enable_at", f"must be in [0, 1), got {self.loop_enable_at}")
+        if self.parallel_residual not in ("none", "gptj", "two_lane"):
+            raise bad("parallel_residual", f"must be none, gptj or two_lane, got {self.parallel_residual!r}")
+        if self.parallel_final_lane not in ("mean", "attn", "mlp"):
+            raise bad("parallel_final_lane", f"must be mean, attn or mlp, got {self.parallel_final_lane!r}")
+        if self.parallel_residual == "two_lane":
+            decoder = self.virtual_layers(looping=True)[len(self.virtual_layers(looping=True)) // 2 :]
+            lanes = [i >= self.parallel_start for i in decoder]
+            if True in lanes and not all(lanes[lanes.index(True) :]):
+                raise bad("parallel_start", f"two_lane needs the lane blocks to be a suffix of the decoder {decoder}; raise parallel_start above the loop")
+            if self.parallel_start < self.num_layers // 2:
+                raise bad("parallel_start", f"two_lane runs in the decoder only: must be >= {self.num_layers // 2}, got {self.parallel_start}")
+        if self.attn_out_gate not in ("none", "attn_out", "dense", "sparse"):
+            raise bad("attn_out_gate", f"must be one of none, attn_out, dense, sparse (they are mutually exclusive), got {self.attn_out_gate!r}")
+        if self.attn_out_gate_src not in ("proj", "q"):
+            raise bad("attn_out_gate_src", f"must be proj or q, got {self.attn_out_gate_src!r}")
+        if not 1 <= self.gate_window <= self.model_dim:
+            raise bad("gate_window", f"must be in 1..model_dim={self.model_dim}, got {self.gate_window}")
+        if self.smear_gate and self.smear_gate_v2:
+            raise bad("smear_gate_v2", "SmearGate v1 (smear_gate) and v2 are alternatives; switch one off")
         if self.attention_backend not in ("auto", "sdpa", "flash3"):
             raise bad("attention_backend", f"must be auto, sdpa or flash3, got {self.attention_backend!r}")

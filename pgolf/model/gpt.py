@@ -6,10 +6,17 @@ scripts for their extras (``smear.gate``, ``bigram.embed.weight``, ``bigram.proj
 ``bigram.scale``, ``ve_shared.*``, ``ve_layer_scales.{k}``), so their checkpoints load strictly.
 
 Forward pass (ids [B, T]):
-  x = tok_emb[ids] (+ BigramHash) -> RMSNorm -> (SmearGate) = x0
-  encoder blocks 0..n_enc-1, each output pushed on a stack
-  decoder step j: x += skip_weights[j] * stack.pop() (while the stack lasts), then block n_enc+j
+  x = tok_emb[ids] (SmearGate v2) (+ BigramHash) -> RMSNorm -> (SmearGate v1) = x0
+  the virtual layer list (physical block indices; with loops some repeat) is cut in half:
+  encoder steps, each output pushed on a stack;
+  decoder step j: x = merge_skip(j, x, stack.pop()) (while the stack lasts), then its block;
+  the last decoder steps may run as two lanes (attention lane, MLP lane), averaged at the end;
   final RMSNorm -> logits = x @ E^T (tied) -> 30 * tanh(logits / 30) -> cross-entropy in fp32
+
+Every choice (loops, residual form, skip rule, gates, smear) is made at build time: a list of
+layer indices or a plain function stored on the module, never a branch on the config in forward.
+Training, evaluation, sliding windows and test-time training all run this one forward; TTT
+adapters wrap this model's own linear modules.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from torch import Tensor, nn
 from pgolf.model.attention import AttentionKernel, CausalSelfAttention, resolve_attention_kernel, sdpa_attention
 from pgolf.model.config import ModelConfig
 from pgolf.model.layers import CastedLinear, Passthrough, RMSNorm
+from pgolf.model.residual import FINAL_LANE, additive_skip, gated_skip, parallel_residual, sequential_residual, two_lane_step
 
 
 class MLP(nn.Module):
@@ -41,7 +49,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x_in = mix0 * x + mix1 * x0; x = x_in + attn_scale * attn(norm(x_in)); x += mlp_scale * mlp(norm(x))."""
+    """x_in = mix0 * x + mix1 * x0; then attention and MLP branches on the residual stream, combined
+    by ``residual`` (sequential, or GPT-J parallel from ``parallel_start``; see ``residual.py``)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, kernel: AttentionKernel):
         super().__init__()
@@ -58,18 +67,36 @@ class Block(nn.Module):
             cfg.qk_gain_init,
             xsa=layer_idx >= cfg.num_layers - cfg.xsa_last_n,
             kernel=kernel,
+            rope_ntk_train_len=cfg.rope_ntk_train_len if cfg.rope_scaling == "ntk" else 0,
+            out_gate=cfg.attn_out_gate,
+            gate_window=cfg.gate_window,
+            gate_src=cfg.attn_out_gate_src,
+            gate_scale=cfg.sparse_gate_scale,
         )
         self.mlp = MLP(dim, cfg.mlp_hidden, cfg.mlp_activation, cfg.leaky_relu_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
+        gptj = cfg.parallel_residual == "gptj" and layer_idx >= cfg.parallel_start
+        self.residual = parallel_residual if gptj else sequential_residual
+
+    def mix_input(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        return mix[0][None, None, :] * x + mix[1][None, None, :] * x0
+
+    def attn_branch(self, x: Tensor, value_embed: Tensor | None) -> Tensor:
+        return self.attn_scale.to(x.dtype)[None, None, :] * self.attn(self.attn_norm(x), value_embed)
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        return self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self.mlp_norm(x))
 
     def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
-        x = x + self.attn_scale.to(x.dtype)[None, None, :] * self.attn(self.attn_norm(x), value_embed)
-        x = x + self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self.mlp_norm(x))
-        return x
+        return self.residual(self, x, x0, value_embed)
+
+
+def unsmeared(model: nn.Module, x: Tensor, ids: Tensor) -> Tensor:
+    """The raw-embedding smear when SmearGate v2 is off."""
+    return x
 
 
 class GPT(nn.Module):
@@ -91,11 +118,28 @@ class GPT(nn.Module):
             from pgolf.model.smear import SmearGate
 
             self.smear = SmearGate(cfg.model_dim, bos_id)
-        self.num_encoder_layers = cfg.num_layers // 2
-        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
-        num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
+        self.embed_smear = unsmeared
+        if cfg.smear_gate_v2:
+            from pgolf.model.smear import smear_v2
+
+            self.embed_smear = smear_v2
+            self.smear_gate = CastedLinear(cfg.gate_window, 1, zero_init=True)
+            self.smear_lambda = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+            self.smear_bos_id = cfg.bos_id if cfg.smear_bos_mask else None
+        num_skips = cfg.num_skip_weights()
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim, dtype=torch.float32))
+        self.merge_skip = additive_skip
+        if cfg.skip_gates:
+            self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim, dtype=torch.float32))
+            self.merge_skip = gated_skip
         self.blocks = nn.ModuleList([Block(cfg, i, kernel) for i in range(cfg.num_layers)])
+        if cfg.parallel_residual == "two_lane":
+            # Rows of layers before parallel_start exist but are unused (as in the records).
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2, 2, dtype=torch.float32))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), cfg.parallel_resid_lambda_init, dtype=torch.float32))
+        self.final_lane = FINAL_LANE[cfg.parallel_final_lane]
+        # Evaluation always runs with the loops on; training switches them off until loop_enable_at.
+        self.set_looping(cfg.num_loops > 0)
         ve_layers = cfg.resolved_ve_layers()
         if ve_layers:
             from pgolf.model.value_embed import SharedValueEmbedding
@@ -109,6 +153,23 @@ class GPT(nn.Module):
         self.final_norm = RMSNorm()
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
         self.init_weights()
+
+    def set_looping(self, active: bool) -> None:
+        """Choose the virtual layer list (loops on or off) and cut it into the encoder steps, the
+        single-lane decoder steps and the two-lane decoder steps. New list objects each time, so a
+        compiled graph guarded on the old lists recompiles (one graph per setting)."""
+        cfg = self.cfg
+        layers = cfg.virtual_layers(looping=active)
+        n_enc = len(layers) // 2
+        decoder = layers[n_enc:]
+        n_lanes = 0
+        if cfg.parallel_residual == "two_lane":
+            while n_lanes < len(decoder) and decoder[len(decoder) - 1 - n_lanes] >= cfg.parallel_start:
+                n_lanes += 1
+        self.looping_active = bool(active and cfg.num_loops > 0)
+        self.encoder_layers = list(layers[:n_enc])
+        self.decoder_layers = list(decoder[: len(decoder) - n_lanes])
+        self.lane_layers = list(decoder[len(decoder) - n_lanes :])
 
     # --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -130,6 +191,12 @@ class GPT(nn.Module):
           ve_scale_init (0.1); ``ve_layer_scales.k``: ones.
         * ``skip_weights``, ``attn_scale``, ``mlp_scale``: ones; ``resid_mix``: rows (ones, zeros);
           ``q_gain``: qk_gain_init (1.5).
+        * ``skip_gates``: zeros (an even 0.5/0.5 skip mix). ``parallel_post_lambdas``: ones;
+          ``parallel_resid_lambdas``: parallel_resid_lambda_init (1.1).
+        * attention output gates: ``attn.attn_gate_proj`` (attn_out): zeros (zero_init, g = 1);
+          ``attn.attn_gate_w``: dense N(0, dense_gate_init_std^2) (0.01), sparse
+          N(0, sparse_gate_init_std^2) or zeros when that std is 0 (g = 0.5).
+        * SmearGate v2: ``smear_gate.weight`` zeros (zero_init), ``smear_lambda`` zero (identity).
         """
         cfg = self.cfg
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
@@ -163,7 +230,19 @@ class GPT(nn.Module):
             for p in self.ve_layer_scales:
                 p.fill_(1.0)
         self.skip_weights.fill_(1.0)
+        if cfg.skip_gates:
+            self.skip_gates.zero_()
+        if cfg.parallel_residual == "two_lane":
+            self.parallel_post_lambdas.fill_(1.0)
+            self.parallel_resid_lambdas.fill_(cfg.parallel_resid_lambda_init)
+        if cfg.smear_gate_v2:
+            self.smear_lambda.zero_()
+        gate_std = {"dense": cfg.dense_gate_init_std, "sparse": cfg.sparse_gate_init_std}.get(cfg.attn_out_gate, 0.0)
         for block in self.blocks:
+            if cfg.attn_out_gate in ("dense", "sparse") and gate_std > 0:
+                nn.init.normal_(block.attn.attn_gate_w, std=gate_std)
+            elif cfg.attn_out_gate in ("dense", "sparse"):
+                block.attn.attn_gate_w.zero_()
             block.attn_scale.fill_(1.0)
             block.mlp_scale.fill_(1.0)
             block.resid_mix[0].fill_(1.0)
@@ -181,20 +260,30 @@ class GPT(nn.Module):
     def forward_hidden(self, ids: Tensor) -> Tensor:
         """ids [B, T] -> final-normed hidden states [B, T, model_dim]."""
         x = self.tok_emb(ids)
+        x = self.embed_smear(self, x, ids)
         x = self.bigram(x, ids)
         x = F.rms_norm(x, (x.size(-1),))
         x = self.smear(x, ids)
         x0 = x
         value_embeds = self.value_embeds(ids, x.dtype)
         skips: list[Tensor] = []
-        for i in range(self.num_encoder_layers):
+        for i in self.encoder_layers:
             x = self.blocks[i](x, x0, value_embeds[i])
             skips.append(x)
-        for j in range(self.num_decoder_layers):
-            i = self.num_encoder_layers + j
+        j = 0
+        for i in self.decoder_layers:
             if skips:
-                x = x + self.skip_weights[j].to(x.dtype)[None, None, :] * skips.pop()
+                x = self.merge_skip(self, j, x, skips.pop())
             x = self.blocks[i](x, x0, value_embeds[i])
+            j += 1
+        if self.lane_layers:  # fixed at build time: two-lane decoder steps (R6/R7)
+            lane0, lane1 = x, x
+            for i in self.lane_layers:
+                if skips:
+                    lane0 = self.merge_skip(self, j, lane0, skips.pop())
+                lane0, lane1 = two_lane_step(self, i, lane0, lane1, x0, value_embeds[i])
+                j += 1
+            x = self.final_lane(lane0, lane1)
         return self.final_norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -59,19 +59,36 @@ class Rotary(nn.Module):
     (partial RoPE). inv_freq_i = base^(-2i/rope_dims). cos/sin have shape [1, T, 1, rope_dims/2]
     for the [B, T, H, D] layout; they are recomputed per call (T x rope_dims/2 values, negligible),
     which keeps the module free of Python-side caches that torch.compile would have to guard.
+
+    ``ntk_train_len`` > 0 is the rule of the PR #201/#401 and R1-R3 scripts: for a sequence of
+    T > ntk_train_len tokens the base is base * (T / ntk_train_len)^(r / (r - 2)), r = rope_dims,
+    decided per call (T is static under torch.compile), so a model evaluated at another length
+    than it trained at uses the base the script would use at that length.
     """
 
-    def __init__(self, rope_dims: int, base: float):
+    def __init__(self, rope_dims: int, base: float, ntk_train_len: int = 0):
         super().__init__()
         assert rope_dims % 2 == 0
         self.rope_dims = rope_dims
         self.base = float(base)
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.ntk_train_len = int(ntk_train_len)
+        self.register_buffer("inv_freq", self.inverse_frequencies(self.base), persistent=False)
+
+    def inverse_frequencies(self, base: float, device: torch.device | None = None) -> Tensor:
+        exponents = torch.arange(0, self.rope_dims, 2, dtype=torch.float32, device=device) / self.rope_dims
+        return 1.0 / (base**exponents)
+
+    def base_for(self, seq_len: int) -> float:
+        if self.ntk_train_len > 0 and seq_len > self.ntk_train_len:
+            r = self.rope_dims
+            return self.base * (seq_len / self.ntk_train_len) ** (r / (r - 2))
+        return self.base
 
     def tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        base = self.base_for(seq_len)
+        inv_freq = self.inv_freq if base == self.base else self.inverse_frequencies(base, self.inv_freq.device)
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
+        freqs = torch.outer(t, inv_freq.to(device=device, dtype=torch.float32))
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
     def forward(self, x: Tensor) -> Tensor:

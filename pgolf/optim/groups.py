@@ -10,8 +10,10 @@ The rule reproduces all three submissions and the baseline:
 * scalar group (Adam/AdamW at scalar_lr): everything else: 1-D/0-D parameters and the control
   tensors (``resid_mix`` is 2-D but a control tensor), ``skip_weights``, ``smear.gate``, scales.
 
-Adam groups are ``torch.optim.AdamW`` with ``weight_decay=adam_wd`` (0 makes it plain Adam).
-Every group records ``base_lr`` so the schedule can set ``lr = base_lr * scale``.
+Adam groups are ``torch.optim.AdamW`` (weight decay 0 makes it plain Adam): the token group decays
+with ``embed_wd``, the scalar group with ``scalar_wd`` (R3+ use 0.085 / 0.02), the head group with
+``adam_wd``; embed_wd / scalar_wd = -1 fall back to adam_wd. Every group records ``base_lr`` so the
+schedule can set ``lr = base_lr * scale``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 
 from pgolf.model.config import is_control_tensor
 from pgolf.optim.config import OptimConfig
-from pgolf.optim.muon import Muon
+from pgolf.optim.muon import MOMENTUM_DTYPES, Muon
 
 
 @dataclass
@@ -58,19 +60,19 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tied_embeddings: bool, 
     """Optimizers in step order: token Adam, (head Adam), matrix Muon/NorMuon, scalar Adam."""
     groups = split_parameters(model)
 
-    def adam(params: list[tuple[str, nn.Parameter]], lr: float) -> torch.optim.Optimizer:
+    def adam(params: list[tuple[str, nn.Parameter]], lr: float, wd: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
             [{"params": [p for _, p in params], "lr": lr, "base_lr": lr}],
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps,
-            weight_decay=cfg.adam_wd,
+            weight_decay=wd,
             fused=fused,
         )
 
     token_lr = cfg.tied_embed_lr if tied_embeddings else cfg.embed_lr
-    optimizers: list[torch.optim.Optimizer] = [adam(groups.token, token_lr)]
+    optimizers: list[torch.optim.Optimizer] = [adam(groups.token, token_lr, cfg.group_wd("embed_wd"))]
     if groups.head:
-        optimizers.append(adam(groups.head, cfg.head_lr))
+        optimizers.append(adam(groups.head, cfg.head_lr, cfg.adam_wd))
     matrix_params = [p for _, p in groups.matrix]
     if cfg.matrix_optimizer == "normuon":
         if cfg.muon_wd:
@@ -90,14 +92,26 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tied_embeddings: bool, 
             backend_steps=cfg.muon_backend_steps,
             nesterov=cfg.muon_nesterov,
             weight_decay=cfg.muon_wd,
+            ns=cfg.muon_ns,
+            row_normalize=cfg.muon_row_normalize,
+            momentum_dtype=MOMENTUM_DTYPES[cfg.muon_momentum_dtype],
+            layout=cfg.muon_layout,
         )
     for group in matrix_opt.param_groups:
         group["base_lr"] = cfg.matrix_lr
+        group["base_weight_decay"] = cfg.muon_wd  # the WD taper sets weight_decay = base * multiplier
     optimizers.append(matrix_opt)
-    optimizers.append(adam(groups.scalar, cfg.scalar_lr))
+    optimizers.append(adam(groups.scalar, cfg.scalar_lr, cfg.group_wd("scalar_wd")))
     return optimizers
 
 
 def matrix_optimizer(optimizers: list[torch.optim.Optimizer]) -> torch.optim.Optimizer:
     """The Muon/NorMuon optimizer (the one whose groups carry a momentum)."""
     return next(o for o in optimizers if "momentum" in o.param_groups[0] and "betas" not in o.param_groups[0])
+
+
+def replicated_parameters(optimizers: list[torch.optim.Optimizer]) -> list[nn.Parameter]:
+    """Every parameter outside the matrix optimizer (the Adam groups): the ones whose grads
+    ``all_reduce_replicated_grads`` averages in the sharded layout."""
+    matrix = matrix_optimizer(optimizers)
+    return [p for o in optimizers if o is not matrix for g in o.param_groups for p in g["params"]]

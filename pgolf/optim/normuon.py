@@ -1,6 +1,6 @@
 """NorMuon (PR #89): Muon with a per-row second moment after Newton-Schulz.
 
-EMA momentum m <- beta m + (1 - beta) g, Nesterov direction (1 - beta) g + beta m, NS5, then a
+EMA momentum m <- beta m + (1 - beta) g, Nesterov direction lerp(g, m, beta), NS5, then a
 per-row second moment v (beta2, no bias correction) that divides each row by sqrt(v), the matrix
 rescaled to its pre-scaling Frobenius norm, times the shape factor. Parameters are processed in
 descending ``size()`` order; the owning rank (index mod world) updates a parameter and shares it.
@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pgolf.optim import muon
 from pgolf.optim.muon import _dist_info, shape_factor
+from pgolf.optim.newton_schulz import newton_schulz_impl
 
 
 def normuon_row_normalise(update: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
@@ -55,8 +55,10 @@ class NorMuon(torch.optim.Optimizer):
                         state["second_moment"] = torch.zeros(g.size(0), 1, device=g.device, dtype=torch.float32)
                     m = state["momentum_buffer"]
                     m.lerp_(g, 1.0 - beta)
-                    direction = g.mul(1.0 - beta).add_(m, alpha=beta)
-                    u = muon._ns_impl(direction, steps=group["backend_steps"]).float()
+                    # PR #89's grad.lerp_(m, beta): the same value as (1 - beta) g + beta m in exact
+                    # arithmetic, but rounded differently, which flips bf16 roundings of the NS input.
+                    direction = torch.lerp(g, m, beta)
+                    u = newton_schulz_impl("standard")(direction, steps=group["backend_steps"]).float()
                     u = normuon_row_normalise(u, state["second_moment"], beta2) * shape_factor(p)
                     p.add_(u.to(p.dtype), alpha=-lr)
                 if distributed:

@@ -1,4 +1,5 @@
-"""LR scale (warmdown) and Muon momentum warm-up, as functions of step and training time."""
+"""LR scale (warmdown), Muon momentum warm-up and Muon WD taper, as functions of step, training
+time or the training fraction. Pure functions: the loop passes the config values in."""
 
 from __future__ import annotations
 
@@ -32,6 +33,32 @@ def lr_scale(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: i
     warmdown_ms = warmdown_iters * step_ms
     remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def training_fraction(step: int, elapsed_ms: float, *, iterations: int, max_wallclock_ms: float | None) -> float:
+    """How far training is, for the fraction-based schedules (R3+): elapsed / cap when there is a
+    wallclock cap (the caller passes the cap net of any reserve), else step / iterations."""
+    if max_wallclock_ms is not None and max_wallclock_ms > 0:
+        return elapsed_ms / max_wallclock_ms
+    return step / max(iterations, 1)
+
+
+def lr_scale_frac(frac: float, warmdown_frac: float, min_lr: float) -> float:
+    """Fraction-based warmdown (R3+): 1 while frac < 1 - warmdown_frac, then (1 - frac) /
+    warmdown_frac, floored at ``min_lr`` (R6/R7: 0.10, reached at frac = 1 - min_lr * warmdown_frac).
+    warmdown_frac <= 0 means no warmdown."""
+    if warmdown_frac <= 0 or frac < 1.0 - warmdown_frac:
+        return 1.0
+    return max((1.0 - frac) / warmdown_frac, min_lr)
+
+
+def muon_wd_multiplier(frac: float, taper_start: float, taper_final: float) -> float:
+    """Muon WD taper (PR #1729 record): 1 up to frac = taper_start, then linear to taper_final at
+    frac = 1 (held there after). taper_start >= 1 or taper_final == 1 is off."""
+    if taper_start >= 1.0 or taper_final == 1.0 or frac <= taper_start:
+        return 1.0
+    t = min((frac - taper_start) / (1.0 - taper_start), 1.0)
+    return 1.0 + (taper_final - 1.0) * t
 
 
 def muon_momentum(step: int, *, start: float, end: float, warmup_steps: int) -> float:

@@ -11,13 +11,19 @@ Each state-dict tensor gets exactly one storage *format*, chosen in this order:
 6. by category: ``.mlp.`` -> ``mlp_format``; ``.attn.`` or ``.proj.`` -> ``attn_format``;
    anything else (bigram / value-embedding tables) -> ``other_format``.
 
-A format is ``fp32``, ``fp16``, ``bf16`` or ``int<N>[:<clip>][:<grid>]`` with N in 2..8, clip
-``q`` (per-row 0.9999984 quantile, the submissions' "percentile" clip), ``max`` (row max) or
-``search`` (per-row clip search, "GPTQ-lite" done per row as the record claimed), and grid ``sym``
-([-(2^(N-1)-1), 2^(N-1)-1]) or ``full`` ([-2^(N-1), 2^(N-1)-1], PR #201/#401's int6).
-Defaults reproduce the challenge baseline's formats: int8 per-row with the quantile clip, fp16
-passthrough of small tensors, fp32 control tensors, zlib level 9; the integers are stored with
-``packing=auto`` (bit-packed or range-coded, whichever is smaller).
+A format is ``fp32``, ``fp16``, ``bf16`` or ``int<N>[:<clip>][:<grid>][:<rounding>]`` with N in
+2..8, clip ``q`` (per-row 0.9999984 quantile, the submissions' "percentile" clip), ``max`` (row
+max) or ``search`` (per-row clip search, "GPTQ-lite" done per row as the record claimed), grid
+``sym`` ([-(2^(N-1)-1), 2^(N-1)-1]) or ``full`` ([-2^(N-1), 2^(N-1)-1], PR #201/#401's int6), and
+rounding ``stored`` (default: values divided by the stored fp16 scale, the nearest grid point) or
+``fp32div`` (divided by the fp32 scale before it is rounded for storage: the baseline's int8,
+PR #89's int6 and #201/#401's int8 quantisers; the presets set it there). The rounding rule is
+per format because #201/#401 mix both (int6 ``stored``, int8 ``fp32div``); QAT follows it, GPTQ
+always rounds against the stored scale (``pgolf.quant.gptq``).
+Defaults reproduce the challenge baseline's formats (its rounding needs ``:fp32div``, set by the
+baseline preset): int8 per-row with the quantile clip, fp16 passthrough of small tensors, fp32
+control tensors, zlib level 9; the integers are stored with ``packing=auto`` (bit-packed or
+range-coded, whichever is smaller).
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ error E||x (W - Q)^T||^2 is (greedily) minimised rather than the weight error.
 Here the grid is exactly the export format's: the per-row scales come from the format's clip rule
 (row max, quantile or per-row search) on the original weights, then GPTQ decides the integers in
 [qmin, qmax]. Dequantisation is unchanged (q * s), so a GPTQ artifact loads like any other.
+A format's rounding rule (``:fp32div``, the scripts' round-to-nearest against the unrounded fp32
+scale) does not apply here: GPTQ always rounds against the stored scale, the one its error
+feedback measures (err = w - q * s_stored), as every GPTQ record did (``round(w / s.float())``
+with s already fp16). The rule still shapes the clip choice of ``search`` (``row_clips``).
 
 Details: damping ``gptq_damp * mean(diag H)`` is added to the diagonal (a Cholesky failure retries
 with 10x more, up to three times); columns with zero activation energy get H_ii = 1 (their weights

@@ -30,7 +30,8 @@ class FakeQuantizer(nn.Module):
 
     The integer grid is computed from the fp32 *master* weight (held by reference, not registered,
     so it is neither a second parameter nor a state-dict entry), with ``formats.quantize_rows``:
-    the same clip rule, scale floor, scale dtype and rounding as the export, so
+    the same clip rule, scale floor, scale dtype and rounding as the export (also the format's
+    rounding rule: ``stored`` or ``fp32div``, the scripts' division by the unrounded scale), so
     ``forward(...) == dequantize(quantize(w))`` of the artifact, bit for bit, before the cast to the
     activation dtype. (Quantising the bf16 copy that CastedLinear passes in would move the row max
     and flip roundings of a few percent of the weights.)

@@ -19,6 +19,11 @@ class TrainConfig:
     grad_accum_base: int = 8  # grad_accum_steps = grad_accum_base // world_size
     max_wallclock_seconds: float = 600.0  # <= 0: iteration-based warmdown, no cap
     warmdown_iters: int = 1200
+    # > 0: the R3+ fraction-based warmdown instead of warmdown_iters: with f = the training
+    # fraction (elapsed / cap, or step / iterations without a cap), the LR scale is 1 until
+    # f = 1 - warmdown_frac, then falls linearly to 0 at f = 1, floored at min_lr (R6/R7: 0.10).
+    warmdown_frac: float = 0.0
+    min_lr: float = 0.0
     warmup_steps: int = 20  # compile/priming steps, rolled back afterwards; skipped when compile is off
     val_loss_every: int = 0  # 0 = validate only at the end
     train_log_every: int = 200
@@ -36,6 +41,10 @@ class TrainConfig:
         for key in ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_base"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.warmdown_frac <= 1.0:
+            raise ConfigError(f"train.warmdown_frac: must be in [0, 1] (0 = use warmdown_iters), got {self.warmdown_frac}")
+        if not 0.0 <= self.min_lr <= 1.0:
+            raise ConfigError(f"train.min_lr: must be in [0, 1] (a floor on the LR multiplier), got {self.min_lr}")
         for key, allowed in (
             ("compile", ("auto", "on", "off")),
             ("autocast", ("auto", "bf16", "off")),

@@ -30,8 +30,8 @@ from pgolf.errors import ConfigError, UserError
 from pgolf.eval.bpb import ByteLUT, build_byte_lut
 from pgolf.eval.standard import evaluate_standard, load_validation_tokens
 from pgolf.model.gpt import build_model, count_parameters
-from pgolf.optim.groups import build_optimizers, matrix_optimizer
-from pgolf.optim.schedule import lr_scale, muon_momentum
+from pgolf.optim.groups import build_optimizers, matrix_optimizer, replicated_parameters
+from pgolf.optim.schedule import lr_scale, lr_scale_frac, muon_momentum, muon_wd_multiplier, training_fraction
 from pgolf.quant.codecs import require_export_libraries
 from pgolf.train.averaging import WeightAverager
 from pgolf.train.distributed import DistContext, all_reduce_max_flag, barrier, init_distributed, seed_everything, shutdown_distributed
@@ -124,6 +124,11 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         seed_everything(cfg.train.seed)
         self.base_model = build_model(cfg.model, self.device)
+        # Layer loops switch on at a training fraction; the model is built in its evaluation state
+        # (loops on), so training starts from the loop-free list (frontier.md 3.1).
+        self.loops_pending = cfg.model.num_loops > 0 and cfg.model.loop_enable_at > 0
+        if self.loops_pending:
+            self.base_model.set_looping(False)
         apply_precision(self.base_model, cfg.train, self.device)
         self.qat = None
         if cfg.quant.qat != "off":
@@ -132,11 +137,15 @@ class Trainer:
             self.qat = attach_qat(self.base_model, cfg.quant)
         self.compiled = use_compile(cfg.train, self.device)
         model: nn.Module = maybe_compile(self.base_model, self.compiled)
-        if ctx.distributed:
+        # Sharded Muon (R1, R6/R7) reduce-scatters its own gradients and the replicated parameters
+        # are all-reduced in packed calls, so DDP is not used there (frontier.md 3.9).
+        self.sharded = cfg.optim.muon_layout == "sharded"
+        if ctx.distributed and not self.sharded:
             model = DDP(model, device_ids=[ctx.local_rank] if self.device.type == "cuda" else None, broadcast_buffers=False)
         self.model = model
         self.optimizers = build_optimizers(self.base_model, cfg.optim, cfg.model.tie_embeddings, fused=self.device.type == "cuda")
         self.muon = matrix_optimizer(self.optimizers)
+        self.replicated = replicated_parameters(self.optimizers)
 
     def make_loader(self) -> DistributedTokenLoader:
         return DistributedTokenLoader(self.train_files, self.ctx.rank, self.ctx.world_size, self.device, self.cfg.data.val_glob)
@@ -147,20 +156,31 @@ class Trainer:
         cfg = self.cfg
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
-            if self.ctx.distributed:
+            if self.ctx.distributed and not self.sharded:
                 self.model.require_backward_grad_sync = micro == self.accum - 1
             x, y = loader.next_batch(cfg.train.train_batch_tokens, cfg.train.train_seq_len, self.accum)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 loss = self.model(x, y)
             (loss / self.accum).backward()
             total += loss.detach()
+        if self.sharded and self.ctx.distributed:
+            from pgolf.optim.sharded import all_reduce_replicated_grads
+
+            if self.cfg.optim.grad_clip_norm <= 0:
+                # Overlap the matrix grads' reduce-scatter with the replicated all-reduce. With
+                # clipping on, Muon's step launches it after the clip (it copies the grads at launch).
+                self.muon.launch_grad_sync()
+            all_reduce_replicated_grads(self.replicated)
         return total / self.accum
 
-    def optimizer_step(self, step: int, scale: float) -> None:
+    def optimizer_step(self, step: int, scale: float, frac: float = 0.0) -> None:
         o = self.cfg.optim
         momentum = muon_momentum(step, start=o.muon_momentum_warmup_start, end=o.muon_momentum, warmup_steps=o.muon_momentum_warmup_steps)
+        wd_mul = muon_wd_multiplier(frac, o.muon_wd_taper_start, o.muon_wd_taper_final)
         for group in self.muon.param_groups:
             group["momentum"] = momentum
+            if "base_weight_decay" in group:
+                group["weight_decay"] = group["base_weight_decay"] * wd_mul
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
@@ -180,18 +200,40 @@ class Trainer:
         model_state = {k: v.detach().cpu().clone() for k, v in self.base_model.state_dict().items()}
         opt_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
         loader = self.make_loader()
-        for i in range(steps):
-            self.train_step(loader)
-            for opt in self.optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            self.logger.log(f"warmup_step:{i + 1}/{steps}")
+        # With layer loops both graphs (loops off, then on) are compiled here, not mid-run.
+        phases = [False, True] if self.loops_pending else [self.base_model.looping_active]
+        for looping in phases:
+            self.base_model.set_looping(looping)
+            for i in range(steps):
+                self.train_step(loader)
+                for opt in self.optimizers:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                self.logger.log(f"warmup_step:{i + 1}/{steps}" + (f" looping:{looping}" if self.loops_pending else ""))
+        self.base_model.set_looping(phases[0])
         self.base_model.load_state_dict(model_state, strict=True)
         for opt, state in zip(self.optimizers, opt_states):
             opt.load_state_dict(state)
-        if self.ctx.distributed:
+        if self.ctx.distributed and not self.sharded:
             self.model.require_backward_grad_sync = True
         return time.perf_counter() - t0
+
+    def schedule(self, step: int, elapsed_ms: float, cap_ms: float | None) -> tuple[float, float]:
+        """(training fraction, LR scale) before this step: the fraction-based warmdown with its
+        floor (R3+) when train.warmdown_frac > 0, else the challenge's warmdown_iters rule."""
+        t = self.cfg.train
+        frac = training_fraction(step, elapsed_ms, iterations=t.iterations, max_wallclock_ms=cap_ms)
+        if t.warmdown_frac > 0:
+            return frac, lr_scale_frac(frac, t.warmdown_frac, t.min_lr)
+        return frac, lr_scale(step, elapsed_ms, iterations=t.iterations, warmdown_iters=t.warmdown_iters, max_wallclock_ms=cap_ms)
+
+    def maybe_enable_loops(self, step: int, frac: float) -> None:
+        if self.loops_pending and frac >= self.cfg.model.loop_enable_at:
+            self.base_model.set_looping(True)
+            self.loops_pending = False
+            layers = self.base_model.encoder_layers + self.base_model.decoder_layers + self.base_model.lane_layers
+            self.logger.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} virtual_layers:{layers}")
+            self.logger.metric("layer_loop", step=step, frac=frac)
 
     # --------------------------------------------------------------------------------------------
     def validate(self, model_for_eval, progress: bool = True):
@@ -256,13 +298,14 @@ class Trainer:
                     self.logger.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{t.iterations}")
                 break
             elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-            scale = lr_scale(step, elapsed_ms, iterations=t.iterations, warmdown_iters=t.warmdown_iters, max_wallclock_ms=cap_ms)
+            frac, scale = self.schedule(step, elapsed_ms, cap_ms)
+            self.maybe_enable_loops(step, frac)
             if self.qat is not None:
                 msg = self.qat.update(scale, step)
                 if msg:
                     self.logger.log(msg)
             loss = self.train_step(loader)
-            self.optimizer_step(step, scale)
+            self.optimizer_step(step, scale, frac)
             step += 1
             msg = self.averager.after_step(self.base_model, step, scale)
             if msg:
@@ -290,6 +333,11 @@ class Trainer:
                 stop_after = step
         if bar is not None:
             bar.close()
+        if self.loops_pending:
+            self.logger.log(f"layer_loop:never_enabled step:{step} (the run stopped before loop_enable_at={self.cfg.model.loop_enable_at})")
+        # Evaluation, export and every later use of the weights run with the loops on.
+        self.base_model.set_looping(self.cfg.model.num_loops > 0)
+        self.loops_pending = False
         return {"steps": step, "train_seconds": train_ms / 1000.0, "final_train_loss": last_loss}
 
 
@@ -380,6 +428,10 @@ def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None
         logger.log(f"XSA:last_{cfg.model.xsa_last_n} active_layers:{list(range(first, cfg.model.num_layers))}")
     if cfg.avg.ema_decay:
         logger.log(f"ema:enabled decay={cfg.avg.ema_decay}")
+    if trainer.sharded and ctx.distributed and o.grad_clip_norm > 0:
+        logger.log("grad_clip:sharded_muon the global norm uses each rank's own (not yet averaged) matrix gradients")
+    if cfg.model.num_loops:
+        logger.log(f"layer_loop:configured virtual_layers:{cfg.model.virtual_layers(True)} enable_at:{cfg.model.loop_enable_at}")
     if cfg.quant.gptq == "full" and t.max_wallclock_seconds > 0:
         logger.log(f"gptq_reserve_seconds:{cfg.quant.gptq_reserve_seconds} (training stops that much before the cap)")
     logger.log(f"seed:{t.seed}")

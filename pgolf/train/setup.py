@@ -57,7 +57,8 @@ def configure_backends(device: torch.device, threads: int) -> None:
 def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     if not enabled:
         return model
-    from pgolf.optim import muon
+    from pgolf.optim import newton_schulz
 
-    muon.set_newton_schulz_impl(torch.compile(muon.newton_schulz5))
+    newton_schulz.set_newton_schulz_impl(torch.compile(newton_schulz.newton_schulz5), "standard")
+    newton_schulz.set_newton_schulz_impl(torch.compile(newton_schulz.polar_express), "polar_express")
     return torch.compile(model, dynamic=False, fullgraph=True)
