@@ -111,6 +111,11 @@ def reference_loss(sd: dict[str, torch.Tensor], cfg, ids: torch.Tensor, targets:
                 vh = v[:, hk * D : (hk + 1) * D]
                 scores = qh @ kh.T / math.sqrt(D)
                 mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+                window = getattr(cfg, "doc_attention_window", 0)
+                if window:  # document masking: no key before the query's document (cut every window tokens)
+                    for t in range(T):
+                        doc = max(j for j in range(t + 1) if j == 0 or seq[j] == cfg.bos_id)
+                        mask[t, : doc + (t - doc) // window * window] = True
                 scores = scores.masked_fill(mask, float("-inf"))
                 y = torch.softmax(scores, dim=-1) @ vh
                 if i >= L - cfg.xsa_last_n:

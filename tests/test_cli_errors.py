@@ -79,7 +79,7 @@ def test_validation_split_too_short(capsys, tmp_path, demo_dir):
 def test_unwritable_output_folder(capsys, tmp_path, demo_dir):
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
-    _assert_one_line_error(*_run_cli(_train(demo_dir, blocker / "run"), capsys), "cannot write the run folder", "--out")
+    _assert_one_line_error(*_run_cli(_train(demo_dir, blocker / "run"), capsys), "cannot write there", "--out")
     assert blocker.read_text() == "not a folder"  # nothing lost
 
 

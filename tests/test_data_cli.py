@@ -98,7 +98,7 @@ def test_verify_fails_with_exit_1_on_overlap_and_on_damage(
 
 def test_demo_prints_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     calls = []
-    monkeypatch.setattr(demo, "prepare_demo", lambda force, progress: calls.append(force) or tmp_path / "demo-v1")
+    monkeypatch.setattr(demo, "prepare_demo", lambda force, progress, **variant: calls.append(force) or tmp_path / "demo-v1")
     assert main(["data", "demo", "--force"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "demo-v1") and calls == [True]
 

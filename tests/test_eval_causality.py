@@ -122,3 +122,75 @@ def test_positions_are_distinct_and_leave_an_earlier_target() -> None:
     ps = sample_positions(100, 30, seed=3)
     assert len(set(ps)) == 30 and min(ps) >= 2 and max(ps) <= 100 and ps == sorted(ps)
     assert sample_positions(5, 30, seed=3) == [2, 3, 4, 5]
+
+
+# ---- phased TTT (R6/R7): checked in its scoring order ------------------------------------------
+
+from pgolf.eval.causality import make_scorer  # noqa: E402
+from pgolf.eval.phased import PhasedTTT  # noqa: E402
+from tests.test_eval_phased import BOS, doc_lut, doc_stream, frontier_model  # noqa: E402
+
+PHASED = TTTConfig(mode="phased", batch_docs=3, doc_chunk=8, doc_lora_rank=4, doc_lora_alpha=8.0, doc_lora_lr=0.01,
+                   doc_weight_decay=0.0, prefix_docs=6, phases=2, chunk_tokens=16, batch_seqs=2, seq_len=L, global_lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def doc_tokens() -> torch.Tensor:
+    return doc_stream(11, seed=10, lo=8, hi=40)  # 11 documents: batches of 2 + 3 x 3; phases at 3 and 6 documents
+
+
+def _phased_scorer(cls, model: GPT):
+    return make_scorer(model, doc_lut(), "phased", seq_len=L, ttt_cfg=PHASED, runner_cls=cls)
+
+
+def test_phased_ttt_passes_in_scoring_order_and_keeps_the_documents(doc_tokens: torch.Tensor) -> None:
+    model = frontier_model()
+    rep = check_causality(model, doc_tokens, doc_lut(), mode="phased", seq_len=L, positions=5, seed=2, ttt_cfg=PHASED)
+    assert rep.passed, rep.summary()
+    assert rep.max_diff_before == 0.0 and all(c.changed_from > 0 for c in rep.checks)
+    assert all(doc_tokens[c.position] != BOS and c.new_token != BOS for c in rep.checks)
+    # in *stream* order the same legal run "fails": a document late in the stream is scored (and
+    # adapted on) before earlier ones, so order matters, and the check must use the scoring order
+    stream_order = check_causality(None, doc_tokens, None, mode="phased-stream-order", positions=5, seed=2, vocab_size=64,
+                                   keep_tokens=(BOS,), scorer=lambda t: _phased_scorer(PhasedTTT, model)(t)[0])
+    assert not stream_order.passed
+
+
+class AdaptThenScore(PhasedTTT):
+    """ILLEGAL: takes the LoRA step on a chunk before scoring it."""
+
+    def score_and_adapt(self, lora, opt, cb, segment) -> None:
+        if bool(cb.has_next.any()):
+            self.adapt(lora, opt, self.forward(lora, cb), cb)
+        with torch.no_grad():
+            self.score(self.forward(lora, cb), cb, segment)
+
+
+class SGDOnStreamPrefix(PhasedTTT):
+    """ILLEGAL: the global SGD phase trains on the first documents of the *stream*, some of which
+    are not scored yet."""
+
+    def phase_documents(self, trigger):
+        return torch.arange(trigger.boundary), trigger.boundary
+
+
+def test_planted_look_ahead_variants_of_phased_ttt_fail(doc_tokens: torch.Tensor) -> None:
+    model = frontier_model()
+    rep = check_causality(None, doc_tokens, None, mode="phased", positions=4, seed=2, vocab_size=64, keep_tokens=(BOS,),
+                          scorer=_phased_scorer(AdaptThenScore, model))
+    assert not rep.passed and rep.max_diff_before > 1e-5, rep.summary()
+    # a flip in a later chunk of a stream-prefix document that is scored only after phase 1: the
+    # phase has (illegally) trained on it, and its batch-mates' earlier chunks were scored before it
+    probe = PhasedTTT(model, doc_tokens, doc_lut(), PHASED, seq_len=L)
+    first = probe.triggers[0]
+    late = [int(d) for q in range(first.after_batch + 1, len(probe.queue)) for d in probe.queue[q] if int(d) < first.boundary]
+    assert late, "the fixture must have a stream-prefix document scored after phase 1"
+    doc = max(late, key=lambda d: int(probe.docs.lengths[d]))
+    assert int(probe.docs.lengths[doc]) > PHASED.doc_chunk + 3
+    p = int(probe.docs.starts[doc]) + PHASED.doc_chunk + 3  # in its chunk 1
+    bad = check_causality(None, doc_tokens, None, mode="phased", at=[p], vocab_size=64, keep_tokens=(BOS,),
+                          scorer=_phased_scorer(SGDOnStreamPrefix, model))
+    assert not bad.passed, bad.summary()
+    good = check_causality(None, doc_tokens, None, mode="phased", at=[p], vocab_size=64, keep_tokens=(BOS,),
+                           scorer=_phased_scorer(PhasedTTT, model))
+    assert good.passed, good.summary()

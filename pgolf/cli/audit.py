@@ -2,7 +2,7 @@
 
 * ``pgolf audit causality --artifact PATH --val GLOB --tokenizer MODEL [...]``: the dynamic
   token-flip test (``pgolf.eval.causality``) for the plain, sliding and TTT evaluations of an
-  artifact. Exit code 0 if every mode passes, 1 otherwise.
+  artifact (``--ttt phased``: R6/R7's phased TTT, checked in its scoring order). Exit code 0 if every mode passes, 1 otherwise.
 * ``pgolf audit RECORD_DIR [...]`` (any other first argument): the record audit of
   ``pgolf.submit.audit.main(argv)``, to which the whole argument list is handed.
 """
@@ -44,7 +44,11 @@ def causality_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=0, help="prefix of the stream to audit (default: 4 windows of seq-len)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--atol", type=float, default=1e-6, help="NLL tolerance before the flip (default 1e-6 nats)")
-    p.add_argument("--ttt", choices=("sgd", "lora"), default="sgd", help="TTT variant checked by --mode ttt/all")
+    p.add_argument("--ttt", choices=("sgd", "lora", "phased"), default="sgd",
+                   help="TTT variant checked by --mode ttt/all (phased: R6/R7's per-document LoRA + global SGD, checked in scoring order)")
+    p.add_argument("--ttt-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any ttt key (repeatable); phased defaults here: batches of a quarter of the prefix's documents, "
+                        "2 phases over half of them, global SGD chunks of a quarter of the prefix")
     p.add_argument("--ttt-chunk-tokens", type=int, default=None, help="TTT chunk (default: the audited prefix in 4 chunks)")
     p.add_argument("--ttt-epochs", type=int, default=None)
     p.add_argument("--ttt-lr", type=float, default=None)
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 def run_causality(args: argparse.Namespace) -> int:
     import torch
 
-    from pgolf.cli.eval import load_eval_inputs, ttt_config_from_args
+    from pgolf.cli.eval import PHASED_KEYS, load_eval_inputs, ttt_config_from_args
     from pgolf.eval.causality import check_causality
     from pgolf.train.distributed import resolve_device
 
@@ -85,11 +89,21 @@ def run_causality(args: argparse.Namespace) -> int:
     n = val_tokens.numel() - 1
     if args.ttt_chunk_tokens is None:
         args.ttt_chunk_tokens = max(1, n // 4)
+    if args.ttt == "phased":  # scaled to the prefix so that batches, warm starts and phases all happen
+        from pgolf.eval.documents import split_documents
+
+        docs = split_documents(val_tokens, model.cfg.bos_id).count
+        given = {item.partition("=")[0].strip() for item in args.ttt_set}
+        scaled = {"batch_docs": max(1, docs // 4), "prefix_docs": max(1, docs // 2), "phases": 2,
+                  "doc_chunk": min(48, seq_len), "seq_len": min(seq_len, max(1, n // 8))}
+        args.ttt_set = [f"{k}={v}" for k, v in scaled.items() if k not in given] + list(args.ttt_set)
     ttt_cfg = ttt_config_from_args(args)
     amp = torch.bfloat16 if device.type == "cuda" else None
     modes = ("plain", "sliding", "ttt") if args.mode == "all" else (args.mode,)
     reports = []
     for mode in modes:
+        if mode == "ttt" and ttt_cfg.mode == "phased":
+            mode = "phased"
         rep = check_causality(
             model, val_tokens, lut, mode=mode, seq_len=seq_len, stride=min(args.stride or seq_len, seq_len),
             positions=args.positions, seed=args.seed, ttt_cfg=ttt_cfg, atol=args.atol,
@@ -105,7 +119,8 @@ def run_causality(args: argparse.Namespace) -> int:
             "seq_len": seq_len,
             "stride": args.stride,
             "targets": n,
-            "ttt": {"mode": ttt_cfg.mode, "chunk_tokens": ttt_cfg.chunk_tokens, "epochs": ttt_cfg.epochs, "lr": ttt_cfg.effective_lr},
+            "ttt": {"mode": ttt_cfg.mode, "chunk_tokens": ttt_cfg.chunk_tokens, "epochs": ttt_cfg.epochs, "lr": ttt_cfg.effective_lr,
+                    **({k: getattr(ttt_cfg, k) for k in PHASED_KEYS} if ttt_cfg.mode == "phased" else {})},
             "passed": ok,
             "modes": [r.as_dict() for r in reports],
         })

@@ -31,18 +31,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-docs", type=int, required=True, metavar="N", help="the first N documents become validation")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N", help="tokens per shard (default 100M)")
     p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--caseops", action="store_true",
+                   help="CaseOps pipeline: case operators (ids 4-7), byte sidecars for the validation shards")
     p.add_argument("--overwrite", action="store_true", help="replace the shards and manifest already in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 
     f = sub.add_parser("fetch", help="download the challenge's shards and tokenizer from the Hugging Face hub")
-    f.add_argument("--variant", default="sp1024", help="tokenizer variant: sp512, sp1024, sp2048, sp4096, byte260")
+    f.add_argument("--variant", default="sp1024",
+                   help="sp1024 (and the challenge's sp512, sp2048, byte260), sp4096, sp8192 or sp8192-caseops; "
+                        "each from the repo that hosts it")
     f.add_argument("--train-shards", type=int, default=80, metavar="N",
                    help="training shards of 100M tokens (default 80)")
     f.add_argument("--out", default=None, metavar="DIR",
-                   help="output folder (default ./data/datasets/fineweb10B_<variant>)")
+                   help="output folder (default ./data/datasets/fineweb10B_<dataset>, the records' layout)")
     f.add_argument("--repo-id", default=None,
-                   help="dataset repo (default willdepueoai/parameter-golf or $MATCHED_FINEWEB_REPO_ID)")
+                   help="dataset repo (default $MATCHED_FINEWEB_REPO_ID, else the variant's own repo)")
     f.add_argument("--remote-root", default=None,
                    help="folder in the repo (default datasets or $MATCHED_FINEWEB_REMOTE_ROOT_PREFIX)")
     f.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -50,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("demo", help="build the embedded demo corpus (cached) and print its folder")
     d.add_argument("--force", action="store_true", help="rebuild even if the cache exists")
+    d.add_argument("--vocab-size", type=int, default=1024, metavar="N", help="tokenizer pieces (default 1024; 8192 for R4-R7)")
+    d.add_argument("--caseops", action="store_true", help="the CaseOps variant (R6/R7): operators and byte sidecars")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)
 
@@ -63,6 +69,10 @@ def _summary(manifest: dict[str, Any], folder: Any) -> None:
     tok = manifest["tokenizer"]
     print(f"data folder: {folder}")
     print(f"tokenizer:   {tok['file']} ({tok['vocab_size']} pieces)")
+    transform = manifest.get("transform")
+    if transform:
+        sidecar = sum(int(f["sidecar"]["bytes"]) for f in manifest["val"]["files"] if f.get("sidecar"))
+        print(f"transform:   {transform['name']} (val bytes from the sidecar: {sidecar:,})")
     for split in ("val", "train"):
         s = manifest[split]
         print(f"{split + ':':<12} {s['docs']:>10,} docs {s['tokens']:>15,} tokens {len(s['files']):>4} files")
@@ -77,7 +87,7 @@ def _prepare(args: argparse.Namespace) -> int:
         args.docs, args.out, tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
         vocab_size=1024 if args.vocab_size is None else args.vocab_size,
         val_docs=args.val_docs, shard_tokens=args.shard_tokens,
-        text_key=args.text_key, progress=not args.no_progress, overwrite=args.overwrite,
+        text_key=args.text_key, progress=not args.no_progress, overwrite=args.overwrite, caseops=args.caseops,
     )
     _summary(manifest, args.out)
     return 0
@@ -90,14 +100,16 @@ def _fetch(args: argparse.Namespace) -> int:
         args.variant, args.train_shards, args.out, repo_id=args.repo_id, remote_root=args.remote_root,
         progress=not args.no_progress,
     )
-    _summary(manifest, args.out or f"data/datasets/fineweb10B_{args.variant}")
+    from pgolf.data.fetch import default_out
+
+    _summary(manifest, args.out or default_out(args.variant))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from pgolf.data.demo import prepare_demo
 
-    print(prepare_demo(force=args.force, progress=not args.no_progress))
+    print(prepare_demo(force=args.force, progress=not args.no_progress, vocab_size=args.vocab_size, caseops=args.caseops))
     return 0
 
 

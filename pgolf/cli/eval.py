@@ -1,5 +1,6 @@
 """``pgolf eval``: evaluate an artifact file on a validation glob: the standard eval, the exact
-sliding-window eval (the records' score) and optionally score-first test-time training, each
+sliding-window eval (the records' score) and optionally test-time training (score-first sgd/lora,
+or the phased protocol of R6/R7: ``--ttt phased``, the records' ``TTT_EVAL_ONLY``), each
 with its wall time, plus the FLOP-based 8xH100 time estimate. JSON or a short table.
 
 Runs alone or under ``torchrun --nproc_per_node=K -m pgolf eval ...`` (windows split across
@@ -26,12 +27,16 @@ def register(sub) -> None:
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per standard-eval batch")
     p.add_argument("--batch-windows", type=int, default=32, help="sliding windows per forward")
     p.add_argument("--max-tokens", type=int, default=0, help="evaluate only a prefix of the stream (smoke tests; not a score)")
-    p.add_argument("--ttt", choices=("off", "sgd", "lora"), default="off", help="also run score-first test-time training")
+    p.add_argument("--ttt", choices=("off", "sgd", "lora", "phased"), default="off",
+                   help="also run test-time training: score-first sgd/lora, or phased (R6/R7: per-document LoRA + global SGD phases)")
     p.add_argument("--ttt-chunk-tokens", type=int, default=None, help="TTT chunk size in targets (default 32768)")
     p.add_argument("--ttt-epochs", type=int, default=None, help="TTT epochs per chunk (default 3)")
     p.add_argument("--ttt-lr", type=float, default=None, help="TTT learning rate (default 0.002 for sgd, 0.5 for lora)")
     p.add_argument("--ttt-lora-rank", type=int, default=None, help="LoRA rank (default 8)")
     p.add_argument("--ttt-lora-targets", default=None, help="comma-separated linear names for LoRA (default c_q,c_v)")
+    p.add_argument("--ttt-preset", default=None, help="take the [ttt] values of a preset (e.g. pr1787 for R6's phased TTT); other --ttt* options apply on top")
+    p.add_argument("--ttt-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any ttt key, e.g. --ttt-set prefix_docs=2000 --ttt-set doc_beta2=0.999 (repeatable)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto",
                    help="bf16 autocast: auto = on for CUDA (use bf16 to match a run trained with train.autocast=bf16 on CPU)")
@@ -39,44 +44,91 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+PHASED_KEYS = ("batch_docs", "doc_chunk", "grad_steps", "doc_lora_rank", "doc_lora_alpha", "doc_lora_lr", "doc_lora_targets",
+               "doc_beta2", "doc_weight_decay", "doc_eps", "warm_start_a", "prefix_docs", "phases", "global_lr",
+               "global_epochs", "chunk_tokens", "momentum", "grad_clip", "batch_seqs", "seq_len")
+
+
 def ttt_config_from_args(args: argparse.Namespace):
     """A validated TTTConfig from the ``--ttt*`` options (defaults: the recorded recipe)."""
-    from pgolf.eval.config import TTTConfig
+    from pgolf.config import RunConfig, apply_table, parse_set_args, read_recipe, set_value
 
-    cfg = TTTConfig(mode=args.ttt)
+    run_cfg = RunConfig()
+    if getattr(args, "ttt_preset", None):
+        apply_table(run_cfg, {"ttt": read_recipe("presets", args.ttt_preset).get("ttt", {})}, f"preset {args.ttt_preset}")
+    cfg = run_cfg.ttt
+    cfg.mode = args.ttt
+    phased = cfg.mode == "phased"
     if args.ttt_chunk_tokens is not None:
         cfg.chunk_tokens = args.ttt_chunk_tokens
     if args.ttt_epochs is not None:
-        cfg.epochs = args.ttt_epochs
+        if phased:
+            cfg.global_epochs = args.ttt_epochs
+        else:
+            cfg.epochs = args.ttt_epochs
     if args.ttt_lr is not None:
         if cfg.mode == "lora":
             cfg.lora_lr = args.ttt_lr
+        elif phased:
+            cfg.doc_lora_lr = args.ttt_lr
         else:
             cfg.lr = args.ttt_lr
     if getattr(args, "ttt_lora_rank", None) is not None:
-        cfg.lora_rank = args.ttt_lora_rank
+        if phased:
+            cfg.doc_lora_rank = args.ttt_lora_rank
+        else:
+            cfg.lora_rank = args.ttt_lora_rank
     if getattr(args, "ttt_lora_targets", None):
-        cfg.lora_targets = [t.strip() for t in args.ttt_lora_targets.split(",") if t.strip()]
+        names = [t.strip() for t in args.ttt_lora_targets.split(",") if t.strip()]
+        if phased:
+            cfg.doc_lora_targets = names
+        else:
+            cfg.lora_targets = names
+    items = getattr(args, "ttt_set", None) or []
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"--ttt-set {item!r}: expected KEY=VALUE, e.g. --ttt-set prefix_docs=2000")
+    for key, value in parse_set_args([f"ttt.{item.strip()}" for item in items]):
+        set_value(run_cfg, key, value)
     cfg.validate()
     return cfg
+
+
+def check_artifact_tokenizer(meta: dict, tokenizer: str) -> None:
+    """DataError when the artifact records the sha256 of the tokenizer it was trained with and
+    ``tokenizer`` is another file: the bytes of the metric would belong to another vocabulary."""
+    from pgolf.data.tokenizer import sha256_file
+
+    want = meta.get("tokenizer_sha256")
+    if not want:
+        return  # artifacts written before the tokenizer was recorded
+    have = sha256_file(tokenizer)
+    if have != want:
+        raise DataError(f"--tokenizer {tokenizer} (sha256 {have[:12]}) is not the tokenizer this artifact was trained with "
+                        f"(sha256 {want[:12]}); pass the run's tokenizer (its data folder's .model file)")
 
 
 def load_eval_inputs(args: argparse.Namespace, device):
     """(model, meta, lut, seq_len, val_tokens) for an artifact, a val glob and a tokenizer."""
     from pgolf.data.tokenizer import load_tokenizer
-    from pgolf.eval.bpb import build_byte_lut
+    from pgolf.eval.bpb import load_byte_counter
     from pgolf.eval.standard import load_validation_tokens
     from pgolf.submit.artifact import load_artifact_model
 
-    files = sorted(Path(p) for p in globlib.glob(args.val))
+    files = sorted(Path(p) for p in globlib.glob(args.val) if "_bytes_" not in Path(p).name)  # byte sidecars are not shards
     if not files:
         raise DataError(f"no validation shards match {args.val!r}; check the glob (quote it so the shell does not expand it)")
+    trained_on = [f for f in files if f.name.startswith("fineweb_train_")]
+    if trained_on:  # a score on training tokens is not a val_bpb
+        raise DataError(f"--val {args.val!r} matches training shards ({trained_on[0].name}, ...); "
+                        "pass the validation shards, e.g. --val 'DATA/fineweb_val_*.bin'")
     model, meta = load_artifact_model(args.artifact, device)
     model.eval()
+    check_artifact_tokenizer(meta, args.tokenizer)
     sp = load_tokenizer(args.tokenizer, model.cfg.vocab_size)
-    lut = build_byte_lut(sp, model.cfg.vocab_size)
     seq_len = args.seq_len or int(meta.get("eval_seq_len") or meta.get("train_seq_len") or 1024)
     val_tokens = load_validation_tokens(files, seq_len, args.max_tokens)
+    lut = load_byte_counter(sp, model.cfg.vocab_size, files, val_tokens)  # the byte sidecar where the data has one
     return model, meta, lut, seq_len, val_tokens
 
 
@@ -114,7 +166,16 @@ def run(args: argparse.Namespace) -> int:
             sl = evaluate_sliding(model.token_nll, val_tokens, seq_len, args.stride, lut, batch_windows=args.batch_windows, **dist_kw)
             plan = sliding_plan(sl.targets, seq_len, args.stride)
             out["sliding"] = {"stride": args.stride, **sl.as_dict(), "windows": plan.num_windows, "tokens_processed": plan.tokens_processed}
-        if ttt_cfg.mode != "off":
+        if ttt_cfg.mode == "phased":
+            import sys
+
+            from pgolf.eval.phased import evaluate_phased
+
+            say = (lambda line: print(line, file=sys.stderr, flush=True)) if ctx.is_main else None
+            o = evaluate_phased(model, val_tokens, lut, ttt_cfg, seq_len=seq_len, device=device, rank=ctx.rank,
+                                world_size=ctx.world_size, autocast_dtype=amp, bos_id=model.cfg.bos_id, progress=say)
+            out["ttt"] = {"mode": "phased", **o.as_dict(), "config": {k: getattr(ttt_cfg, k) for k in PHASED_KEYS}}
+        elif ttt_cfg.mode != "off":
             from pgolf.eval.ttt import evaluate_ttt
 
             stride = args.stride or seq_len
@@ -130,7 +191,12 @@ def run(args: argparse.Namespace) -> int:
                 "optimizer_steps": o.optimizer_steps,
                 "train_seconds": o.train_seconds,
             }
-        est = estimate_8xh100(model.cfg, seq_len, args.stride, ttt_cfg)
+        lengths = None
+        if ttt_cfg.mode == "phased":
+            from pgolf.eval.documents import split_documents
+
+            lengths = split_documents(val_tokens, model.cfg.bos_id).lengths.numpy()
+        est = estimate_8xh100(model.cfg, seq_len, args.stride, ttt_cfg, doc_lengths=lengths)
         out["estimate_8xh100"] = est.as_dict()
     finally:
         if ctx.distributed:
@@ -146,7 +212,14 @@ def run(args: argparse.Namespace) -> int:
     if "sliding" in out:
         s = out["sliding"]
         print(f"sliding   stride:{s['stride']} val_loss:{s['val_loss']:.6f} val_bpb:{s['val_bpb']:.6f} eval_time:{s['eval_seconds']:.1f}s windows:{s['windows']}")
-    if "ttt" in out:
+    if "ttt" in out and out["ttt"]["mode"] == "phased":
+        t = out["ttt"]
+        print(f"ttt phased docs:{t['documents']} batches:{t['batches']} phases:{len(t['phases'])} val_loss:{t['val_loss']:.6f} "
+              f"val_bpb:{t['val_bpb']:.6f} eval_time:{t['eval_seconds']:.1f}s (global SGD {t['sgd_seconds']:.1f}s, {t['lora_steps']} LoRA steps)")
+        for seg in t["segments"]:
+            if "val_bpb" in seg:
+                print(f"  after phase {seg['after_phase']}: {seg['docs']} docs val_bpb:{seg['val_bpb']:.6f} score_time:{seg['score_seconds']:.1f}s")
+    elif "ttt" in out:
         t = out["ttt"]
         print(f"ttt {t['mode']:<5} chunk:{t['chunk_tokens']} val_loss:{t['val_loss']:.6f} val_bpb:{t['val_bpb']:.6f} eval_time:{t['eval_seconds']:.1f}s (training {t['train_seconds']:.1f}s)")
     print(est.log_line())

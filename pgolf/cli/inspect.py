@@ -13,6 +13,9 @@ def register(sub) -> None:
     p.add_argument("--artifact", default=None, help="inspect this artifact file instead of a preset")
     p.add_argument("--list", action="store_true", help="list presets and profiles")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--codecs", choices=("all", "fast", "none"), default="all",
+                   help="with --artifact: compare pgolf's bytes with zstd-22, byte-shuffled brotli-11 and (all, when the lrzip "
+                        "binary is installed) R7's per-group lrzip scheme on the same integers (default all; fast skips lrzip)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.artifact:
         from pgolf.quant.report import artifact_report, format_artifact_report
 
-        rep = artifact_report(args.artifact)
+        rep = artifact_report(args.artifact, codecs=args.codecs)
         print_json(rep) if args.json else print(format_artifact_report(rep))
         return 0
     rep = preset_report(args)

@@ -1,9 +1,10 @@
 """``pgolf export``: re-export a finished run's raw weights with another quantisation config.
 
-    pgolf export --run RUN_DIR [--set quant.k=v ...] --out FILE [--eval] [--json]
+    pgolf export --run RUN_DIR [--quant-preset NAME] [--set quant.k=v ...] --out FILE [--eval] [--json]
 
 Reads ``RUN_DIR/config.json`` and the unquantised weights ``RUN_DIR/final_model.raw.pgolf``
-(written by every run with ``train.save_raw``), applies the ``--set`` overrides (``quant.*`` and,
+(written by every run with ``train.save_raw``), optionally replaces the run's ``[quant]`` settings by
+those of a preset as it is now (``--quant-preset``, with the run's profile), applies the ``--set`` overrides (``quant.*`` and,
 for GPTQ calibration, ``data.*`` keys only: the model is fixed), runs GPTQ when ``quant.gptq=full``
 (calibration from the run's training shards or self-generated text), writes the artifact and
 prints its bytes against the budget. ``--eval`` also evaluates the round-tripped artifact (standard
@@ -28,6 +29,8 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="re-export a run's raw weights with another quant config (bytes, optional round-trip eval)")
     p.add_argument("--run", required=True, help="run folder (has config.json and final_model.raw.pgolf)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="quant.KEY=VALUE", help="override a quant.* (or data.*) value (repeatable)")
+    p.add_argument("--quant-preset", default=None, metavar="PRESET",
+                   help="use this preset's current quant settings (with the run's profile) instead of the run's own")
     p.add_argument("--out", required=True, help="artifact file to write")
     p.add_argument("--eval", action="store_true", help="evaluate the round-tripped artifact (standard eval, val_bpb)")
     p.add_argument("--eval-raw", action="store_true", help="also re-evaluate the unquantised weights")
@@ -35,9 +38,10 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def load_run(run_dir: Path, overrides: list[str]):
-    """(cfg, raw state dict, raw meta, summary) of a run folder, with quant/data overrides applied."""
-    from pgolf.config import from_dict, parse_set_args, set_value
+def load_run(run_dir: Path, overrides: list[str], quant_preset: str | None = None):
+    """(cfg, raw state dict, raw meta, summary) of a run folder, with quant/data overrides applied
+    (after the quant settings of ``quant_preset``, when given)."""
+    from pgolf.config import from_dict, load_config, parse_set_args, set_value
     from pgolf.quant.container import read_artifact
     from pgolf.quant.export import dequantize_state_dict
 
@@ -45,6 +49,11 @@ def load_run(run_dir: Path, overrides: list[str]):
     if not cfg_path.is_file() or not raw_path.is_file():
         raise ConfigError(f"{run_dir}: not a finished run folder (needs config.json and {RAW_NAME}; train with train.save_raw=true)")
     cfg = from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
+    if quant_preset:
+        profile = cfg.profile if cfg.profile not in (None, "none") else None
+        small = cfg.quant.small_numel  # the run's passthrough threshold belongs to its model size, not the recipe
+        cfg.quant = load_config(quant_preset, profile).quant
+        cfg.quant.small_numel = small
     for key, value in parse_set_args(overrides):
         if not key.startswith(("quant.", "data.")):
             raise ConfigError(f"--set {key}: export can only change quant.* (and data.* for calibration) keys; the model is fixed")
@@ -78,27 +87,28 @@ def _model_with(cfg, state, device):
 
 
 def _evaluate(model, cfg, device) -> float:
-    from pgolf.eval.bpb import build_byte_lut
+    from pgolf.eval.bpb import load_byte_counter
     from pgolf.eval.standard import evaluate_standard, load_validation_tokens
     from pgolf.train.loop import resolve_data
     from pgolf.train.setup import autocast_dtype
 
     _, val_files, _, sp = resolve_data(cfg)
-    lut = build_byte_lut(sp, cfg.model.vocab_size)
     val = load_validation_tokens(val_files, cfg.eval_seq_len, cfg.eval.max_val_tokens)
+    lut = load_byte_counter(sp, cfg.model.vocab_size, val_files, val, cfg.data.path)
     model.eval()
     res = evaluate_standard(model.token_nll, val, cfg.eval_seq_len, lut, batch_tokens=cfg.eval.val_batch_tokens, device=device,
                             autocast_dtype=autocast_dtype(cfg.train, device), progress=True)
     return res.val_bpb
 
 
-def export_run(run_dir: str | Path, overrides: list[str], out: str | Path, *, evaluate: bool = False, evaluate_raw: bool = False) -> dict:
+def export_run(run_dir: str | Path, overrides: list[str], out: str | Path, *, evaluate: bool = False, evaluate_raw: bool = False,
+               quant_preset: str | None = None) -> dict:
     """Re-export a run (see the module docstring); returns the result dict that the CLI prints."""
     from pgolf.submit.artifact import build_artifact, load_artifact_model, package_code_bytes
     from pgolf.train.setup import apply_precision, autocast_dtype
 
     run_dir = Path(run_dir)
-    cfg, state, meta, summary = load_run(run_dir, overrides)
+    cfg, state, meta, summary = load_run(run_dir, overrides, quant_preset)
     device = _device(cfg)
     hessians, gptq_seconds, calib = None, 0.0, None
     if cfg.quant.gptq == "full":
@@ -115,8 +125,9 @@ def export_run(run_dir: str | Path, overrides: list[str], out: str | Path, *, ev
     code = summary.get("code_bytes") or package_code_bytes()
     extra = {k: meta[k] for k in ("preset", "profile", "train_seq_len", "eval_seq_len") if k in meta}
     t0 = time.perf_counter()
-    report, _ = build_artifact(state, cfg.model, cfg.quant, out, code_bytes=code, meta_extra=extra, hessians=hessians, progress=True)
+    report, qtensors = build_artifact(state, cfg.model, cfg.quant, out, code_bytes=code, meta_extra=extra, hessians=hessians, progress=True)
     result = {"run": str(run_dir), "out": str(out), **report.as_dict(), "export_seconds": time.perf_counter() - t0,
+              "lqer": [qt.name for qt in qtensors if qt.lqer is not None],
               "quant": {k: v for k, v in vars(cfg.quant).items() if k != "control_patterns"}}
     if hessians is not None:
         result.update(gptq_seconds=gptq_seconds, gptq_layers=len(hessians), calibration=calib)
@@ -134,7 +145,7 @@ def export_run(run_dir: str | Path, overrides: list[str], out: str | Path, *, ev
 
 
 def run(args: argparse.Namespace) -> int:
-    result = export_run(args.run, args.overrides, args.out, evaluate=args.eval, evaluate_raw=args.eval_raw)
+    result = export_run(args.run, args.overrides, args.out, evaluate=args.eval, evaluate_raw=args.eval_raw, quant_preset=args.quant_preset)
     if args.json:
         print_json(result)
         return 0

@@ -34,9 +34,10 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         data_dir, corpus = Path(args.data), str(args.data)
     else:
-        from pgolf.data.demo import prepare_demo
+        from pgolf.data.demo import demo_for_config
 
-        data_dir, corpus = prepare_demo(), "demo corpus (State of the Union addresses + Wikipedia lead sections)"
+        # The demo variant the recipe needs: its vocabulary, CaseOps for data.transform (R6/R7).
+        data_dir, corpus = demo_for_config(config_from_args(args, [])), "demo corpus (State of the Union addresses + Wikipedia lead sections)"
     cfg = config_from_args(
         args,
         [

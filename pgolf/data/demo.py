@@ -7,6 +7,11 @@ that the validation split (the first documents, as in the challenge) is a fair s
 sources, then prepared with a 1024-piece BPE tokenizer trained with the challenge's settings on the
 demo's own training documents. The result is cached, versioned, in ``$PGOLF_CACHE/demo-v2``
 (default ``~/.cache/pgolf/demo-v2``).
+
+Other vocabularies, for the frontier presets (R3+ need sp4096/sp8192, R6/R7 CaseOps): the same
+documents and split with a ``vocab_size``-piece tokenizer in ``demo-v2-sp<V>``, and with the
+CaseOps pipeline (operators as pieces 4-7, byte sidecars) in ``demo-v2-sp<V>-caseops``.
+:func:`demo_for_config` picks the variant a run configuration needs.
 """
 
 from __future__ import annotations
@@ -103,32 +108,49 @@ def _check_cached(folder: Path) -> None:
         ) from None
 
 
-def prepare_demo(root: str | Path | None = None, *, force: bool = False, progress: bool = True) -> Path:
+def demo_name(vocab_size: int = 1024, caseops: bool = False) -> str:
+    """Cache folder name of a demo variant (``demo-v2`` is the sp1024 default)."""
+    if vocab_size == 1024 and not caseops:
+        return DEMO_VERSION
+    return f"{DEMO_VERSION}-sp{vocab_size}" + ("-caseops" if caseops else "")
+
+
+def demo_for_config(cfg: Any, root: str | Path | None = None, *, progress: bool = True) -> Path:
+    """The demo variant a run configuration trains on: ``cfg.model.vocab_size`` pieces, CaseOps
+    when ``cfg.data.transform`` says so (built on first use)."""
+    caseops = cfg.data.transform == "lossless_caps_caseops_v1"
+    return prepare_demo(root, progress=progress, vocab_size=cfg.model.vocab_size, caseops=caseops)
+
+
+def prepare_demo(root: str | Path | None = None, *, force: bool = False, progress: bool = True,
+                 vocab_size: int = 1024, caseops: bool = False) -> Path:
     """The demo data folder, built on first use (or when ``force``) and cached under ``root``.
 
     The build happens in a temporary folder next to the cache and is renamed into place, so an
     interrupted build never leaves a half-made cache behind.
     """
     root = Path(root) if root is not None else cache_root()
-    target = root / DEMO_VERSION
+    name = demo_name(vocab_size, caseops)
+    target = root / name
     if target.exists() and not force:
         _check_cached(target)
         return target
     docs, source = demo_documents()
     val_docs = _val_doc_count(docs)
     root.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{DEMO_VERSION}.build-", dir=root))
+    build = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=root))
     try:
         jsonl = build / "docs.jsonl"
         with open(jsonl, "w", encoding="utf-8") as f:
             for doc in docs:
                 f.write(json.dumps({"text": doc}) + "\n")
-        data = build / DEMO_VERSION
+        data = build / name
         manifest = prepare_dataset(
-            jsonl, data, train_tokenizer=True, vocab_size=1024, val_docs=val_docs,
-            shard_tokens=SHARD_TOKENS, progress=progress,
+            jsonl, data, train_tokenizer=True, vocab_size=vocab_size, val_docs=val_docs,
+            shard_tokens=SHARD_TOKENS, progress=progress, caseops=caseops,
         )
-        manifest["source"] = {**source, "docs": len(docs), "val_docs": val_docs, "shard_tokens": SHARD_TOKENS}
+        manifest["source"] = {**source, "docs": len(docs), "val_docs": val_docs, "shard_tokens": SHARD_TOKENS,
+                              "vocab_size": vocab_size, "caseops": caseops}
         write_manifest(data, manifest)
         if target.exists():  # force: move the old cache aside first, then swap the new one in
             os.rename(target, build / "old")

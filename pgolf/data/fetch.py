@@ -8,8 +8,18 @@ tokenizer files into ONE local folder (shards and tokenizer side by side), check
 and size as it arrives, and writes a pgolf ``manifest.json`` for the folder (with the validation
 document hashes). Files already present and valid are skipped, so an interrupted fetch resumes.
 
+Variants and where they are hosted (frontier.md 1.1; :data:`VARIANTS`): ``sp1024`` (and the
+challenge's other sizes) on willdepueoai/parameter-golf, ``sp4096`` and ``sp8192`` on
+kevclark/parameter-golf, ``sp8192-caseops`` (the hub's ``sp8192_lossless_caps_caseops_v1_reserved``)
+on romeerp/parameter-golf-caseops-v1, whose validation shards come with byte sidecars
+``fineweb_val_bytes_NNNNNN.bin``: they are fetched, checked against their shards, and recorded in
+the manifest with the transform. The remote manifest is read fresh on every fetch (downloaded into
+a staging folder that is removed afterwards), so a manifest of another repo can never make a
+variant "not found" (the official script's stale-manifest trap).
+
 Environment overrides, as in the challenge's own downloader: ``MATCHED_FINEWEB_REPO_ID``,
 ``MATCHED_FINEWEB_REMOTE_ROOT_PREFIX``; ``HF_ENDPOINT`` selects the hub (a mirror, or a test server).
+The order is: the command-line option, then the environment, then the variant's own repo.
 """
 
 from __future__ import annotations
@@ -42,8 +52,23 @@ from pgolf.errors import DataError
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_ROOT = "datasets"
+CASEOPS_DATASET = "sp8192_lossless_caps_caseops_v1_reserved"
+#: variant -> (dataset repo, remote root, dataset name after "fineweb10B_"). Other names are
+#: looked up as given on the challenge's repo (sp512, sp2048, byte260, ...).
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    "sp1024": (DEFAULT_REPO_ID, DEFAULT_REMOTE_ROOT, "sp1024"),
+    "sp4096": ("kevclark/parameter-golf", DEFAULT_REMOTE_ROOT, "sp4096"),
+    "sp8192": ("kevclark/parameter-golf", DEFAULT_REMOTE_ROOT, "sp8192"),
+    "sp8192-caseops": ("romeerp/parameter-golf-caseops-v1", "datasets", CASEOPS_DATASET),
+    CASEOPS_DATASET: ("romeerp/parameter-golf-caseops-v1", "datasets", CASEOPS_DATASET),
+}
 DEFAULT_ENDPOINT = "https://huggingface.co"
 STAGING = ".download"  # hf_hub_download's local_dir inside out_dir; removed when the fetch ends
+
+
+def default_out(variant: str) -> Path:
+    """``./data/datasets/fineweb10B_<dataset>``: the records' folder name (the long name for CaseOps)."""
+    return Path("data/datasets") / f"fineweb10B_{VARIANTS.get(variant, ('', '', variant))[2]}"
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -133,17 +158,17 @@ def _removed_afterwards(staging: Path) -> Iterator[None]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _select(remote: Any, variant: str, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The remote manifest's dataset entry for ``variant`` and its tokenizer entry."""
+def _select(remote: Any, variant: str, where: str, dataset: str | None = None, hint: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The remote manifest's dataset entry for ``variant`` (named ``fineweb10B_<dataset>``) and its tokenizer entry."""
     datasets = remote.get("datasets") if isinstance(remote, dict) else None
     if not isinstance(datasets, list):
         raise DataError(f"{where} has no 'datasets' list; check --remote-root")
     names = [d.get("name") for d in datasets if isinstance(d, dict)]
-    wanted = f"fineweb10B_{variant}"
+    wanted = f"fineweb10B_{dataset or variant}"
     entry = next((d for d in datasets if isinstance(d, dict) and d.get("name") == wanted), None)
     if entry is None:
         offered = ", ".join(sorted(str(n).removeprefix("fineweb10B_") for n in names)) or "none"
-        raise DataError(f"unknown variant {variant!r}: {where} offers {offered}; pass --variant with one of them")
+        raise DataError(f"unknown variant {variant!r}: {where} offers {offered}; pass --variant with one of them{hint}")
     tok_name = entry.get("tokenizer_name")
     tokenizers = remote.get("tokenizers") or []
     tok = next((t for t in tokenizers if isinstance(t, dict) and t.get("name") == tok_name), None)
@@ -198,15 +223,19 @@ def fetch_dataset(
 ) -> dict[str, Any]:
     """Download ``variant``'s validation split, first ``train_shards`` training shards and tokenizer.
 
-    ``out_dir`` defaults to ``./data/datasets/fineweb10B_<variant>`` (the default ``data.path``).
+    ``out_dir`` defaults to ``./data/datasets/fineweb10B_<dataset>`` (:func:`default_out`).
     Returns the pgolf manifest written to ``out_dir``.
     """
-    repo_id = repo_id or os.environ.get("MATCHED_FINEWEB_REPO_ID") or DEFAULT_REPO_ID
+    home_repo, home_root, dataset = VARIANTS.get(variant, (DEFAULT_REPO_ID, DEFAULT_REMOTE_ROOT, variant))
+    repo_id = repo_id or os.environ.get("MATCHED_FINEWEB_REPO_ID") or home_repo
+    hint = ""
+    if variant in VARIANTS and repo_id != home_repo:
+        hint = f" ({variant} is hosted on {home_repo}: pass --repo-id {home_repo} or unset MATCHED_FINEWEB_REPO_ID)"
     if remote_root is None:
-        remote_root = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_ROOT)
+        remote_root = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", home_root)
     root = remote_root.strip("/")
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    out = Path(out_dir) if out_dir is not None else Path("data/datasets") / f"fineweb10B_{variant}"
+    out = Path(out_dir) if out_dir is not None else default_out(variant)
     if train_shards < 0:
         raise DataError(f"--train-shards must be 0 or more (got {train_shards})")
     if out.exists() and not out.is_dir():
@@ -222,8 +251,9 @@ def fetch_dataset(
             remote = json.loads(hub.download(f"{prefix}manifest.json").read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"{where} is not valid JSON ({exc}); check --remote-root") from None
-        entry, tok = _select(remote, variant, where)
+        entry, tok = _select(remote, variant, where, dataset, hint)
         files_train, files_val = entry["stats"]["files_train"], entry["stats"]["files_val"]
+        sidecars = "caseops" in entry["name"]
         if train_shards > files_train:
             raise DataError(
                 f"{variant} has {files_train} training shards on {repo_id}, {train_shards} requested; "
@@ -231,6 +261,8 @@ def fetch_dataset(
             )
         shard_dir = f"{prefix}datasets/{entry['name']}"
         wanted = [f"{shard_dir}/fineweb_val_{i:06d}.bin" for i in range(files_val)]
+        if sidecars:
+            wanted += [f"{shard_dir}/fineweb_val_bytes_{i:06d}.bin" for i in range(files_val)]
         wanted += [f"{shard_dir}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
         artifacts = [tok[k] for k in ("model_path", "vocab_path", "path") if isinstance(tok.get(k), str)]
         if not artifacts:
@@ -245,7 +277,15 @@ def fetch_dataset(
             local = out / Path(remote_path).name
             if _valid_local(local):
                 continue
-            downloaded = hub.download(remote_path)
+            try:
+                downloaded = hub.download(remote_path)
+            except DataError as exc:
+                if "_bytes_" in remote_path and "not found in dataset repo" in str(exc):
+                    raise DataError(
+                        f"{remote_path}, the byte sidecar of a {variant} validation shard, is missing from {repo_id}; "
+                        "CaseOps val_bpb cannot be computed without it: report it to the repo's owner"
+                    ) from None
+                raise
             if downloaded.suffix == ".bin":
                 try:
                     shard_token_count(downloaded)
@@ -261,11 +301,25 @@ def fetch_dataset(
 
     tok_file = out / Path(artifacts[0]).name
     vocab_size, bos_id = _tokenizer_facts(tok_file, tok, entry)
+    if sidecars:
+        from pgolf.data.caseops import check_operator_pieces
+        from pgolf.data.sidecar import read_sidecar
+
+        check_operator_pieces(load_tokenizer(tok_file), str(tok_file))
+        for i in range(files_val):
+            read_sidecar(out / f"fineweb_val_{i:06d}.bin")  # aligned with its shard, or a one-line error
     # Every published training shard present, also those from an earlier, larger fetch: the loader globs them all.
     train_names = [n for n in (f"fineweb_train_{i:06d}.bin" for i in range(files_train)) if (out / n).is_file()]
     val_names = [f"fineweb_val_{i:06d}.bin" for i in range(files_val)]
     manifest = _build_manifest(out, val_names, train_names, bos_id, previous)
     manifest["tokenizer"] = {"file": tok_file.name, "sha256": sha256_file(tok_file), "vocab_size": vocab_size}
+    if sidecars:
+        from pgolf.data.manifest import sidecar_record
+        from pgolf.data.prepare import caseops_transform_record
+
+        manifest["transform"] = {**caseops_transform_record(), "normalized_before_transform": None}
+        for f in manifest["val"]["files"]:
+            f["sidecar"] = sidecar_record(out / f["name"])
     manifest["source"] = {
         "kind": "huggingface",
         "endpoint": endpoint,

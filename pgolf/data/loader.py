@@ -51,6 +51,17 @@ class TokenStream:
             remaining -= k
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def state_dict(self) -> dict:
+        return {"file_idx": self.file_idx, "pos": self.pos, "files": [f.name for f in self.files]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["files"] != [f.name for f in self.files]:
+            raise DataError(f"the checkpoint's loader read shards {state['files'][:3]}..., this run has "
+                            f"{[f.name for f in self.files][:3]}...; resume with the same data folder and data.train_glob")
+        self.file_idx = int(state["file_idx"])
+        self.tokens = read_shard(self.files[self.file_idx])
+        self.pos = int(state["pos"])
+
 
 class DistributedTokenLoader:
     def __init__(self, files: list[Path], rank: int, world_size: int, device: torch.device, forbidden_glob: str = "fineweb_val_*"):
@@ -71,3 +82,11 @@ class DistributedTokenLoader:
         y = local[1:].reshape(-1, seq_len)
         non_blocking = self.device.type == "cuda"
         return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+
+    def state_dict(self) -> dict:
+        """The position in the stream (every rank has the same: the stream is global)."""
+        return {"kind": "stream", "stream": self.stream.state_dict(), "tokens_taken": self.tokens_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.tokens_taken = int(state["tokens_taken"])

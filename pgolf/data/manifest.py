@@ -11,6 +11,11 @@ made with, and ``manifest.json``::
      "val": {"files": [...], "tokens": N, "docs": D, "doc_hashes": ["0123456789abcdef", ...]},
      "source": {...}}
 
+CaseOps data (``pgolf data prepare --caseops``, the ``sp8192-caseops`` fetch) add
+``"transform": {"name": "lossless_caps_caseops_v1", "byte_sidecar": true, ...}`` and, on every
+validation file, ``"sidecar": {"name": "fineweb_val_bytes_000000.bin", "sha256": ..., "bytes": B}``
+(see ``pgolf.data.sidecar``), so nothing downstream has to guess how bytes are counted.
+
 ``doc_hashes`` fingerprint every validation document so that :func:`check_disjoint` can prove that
 no training document is also a validation document (the leak of field-notes §1.2 was only found
 through a log line; this makes it checkable). A document hash is blake2b (8-byte digest, hex) of the
@@ -138,6 +143,18 @@ def _check_schema(m: Any, where: Path) -> None:
         raise _fail(where, f"val lists {m['val']['docs']} docs but {len(hashes)} doc_hashes")
     if not isinstance(m.get("source"), dict):
         raise _fail(where, "'source' must be an object")
+    transform = m.get("transform")
+    if transform is not None and not (isinstance(transform, dict) and isinstance(transform.get("name"), str)):
+        raise _fail(where, "'transform' must be null or an object with a name")
+    for f in m["val"]["files"]:
+        side = f.get("sidecar")
+        if side is not None and not (isinstance(side, dict) and isinstance(side.get("name"), str)
+                                     and isinstance(side.get("sha256"), str) and isinstance(side.get("bytes"), int)):
+            raise _fail(where, f"val file {f['name']}: 'sidecar' must have name, sha256 and bytes")
+        if side is not None and (side["name"] != Path(side["name"]).name or "_bytes_" not in side["name"]):
+            raise _fail(where, f"val file {f['name']}: sidecar name {side['name']!r} must be a plain *_bytes_* name")
+    if transform is not None and transform.get("byte_sidecar") and not all(f.get("sidecar") for f in m["val"]["files"]):
+        raise _fail(where, f"transform {transform['name']!r} charges bytes through a sidecar, but a val file lists none")
 
 
 def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
@@ -234,6 +251,11 @@ def verify_files(folder: str | Path, *, progress: bool = False) -> list[dict[str
     for split, entry in tqdm(entries, desc="verify", unit="file", disable=not progress):
         listed.add(entry["name"])
         rows.append({"split": split, "name": entry["name"], "status": _check_shard(folder / entry["name"], entry)})
+    for entry in manifest["val"]["files"]:
+        side = entry.get("sidecar")
+        if side is not None:
+            listed.add(side["name"])
+            rows.append({"split": "val-bytes", "name": side["name"], "status": _check_sidecar(folder, entry, side)})
     for split in ("train", "val"):
         total = sum(f["tokens"] for f in manifest[split]["files"])
         if total != manifest[split]["tokens"]:
@@ -244,6 +266,34 @@ def verify_files(folder: str | Path, *, progress: bool = False) -> list[dict[str
             if path.name not in listed:
                 rows.append({"split": "?", "name": path.name, "status": "shard not listed in the manifest"})
     return rows
+
+
+def _check_sidecar(folder: Path, entry: dict[str, Any], side: dict[str, Any]) -> str:
+    from pgolf.data.sidecar import read_sidecar, sidecar_path
+
+    path = folder / side["name"]
+    if not path.is_file():
+        return "missing"
+    if sidecar_path(folder / entry["name"]).name != side["name"]:
+        return f"not the sidecar name of {entry['name']}"
+    try:
+        counts = read_sidecar(folder / entry["name"])
+    except DataError as exc:
+        return str(exc).split(";")[0]
+    if int(counts.sum(dtype=np.int64)) != side["bytes"]:
+        return f"{int(counts.sum(dtype=np.int64))} bytes, manifest says {side['bytes']}"
+    if sha256_file(path) != side["sha256"]:
+        return "sha256 differs from the manifest"
+    return "ok"
+
+
+def sidecar_record(shard: Path) -> dict[str, Any]:
+    """The manifest entry of a validation shard's byte sidecar: name, sha256 and total bytes."""
+    from pgolf.data.sidecar import read_sidecar, sidecar_path
+
+    counts = read_sidecar(shard)
+    path = sidecar_path(shard)
+    return {"name": path.name, "sha256": sha256_file(path), "bytes": int(counts.sum(dtype=np.int64))}
 
 
 def _check_shard(path: Path, entry: dict[str, Any]) -> str:

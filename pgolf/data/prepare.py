@@ -7,6 +7,14 @@ hash of every validation document so that :func:`pgolf.data.manifest.check_disjo
 later. Each document is stored as [BOS] + ids with no EOS; shards are filled to exactly
 ``shard_tokens`` tokens (a document may continue in the next shard), and the validation split
 always ends its last shard before training begins.
+
+``caseops=True`` runs the CaseOps pipeline (frontier.md 1.4): each document is normalised the way
+the tokenizer normalises (nmt_nfkc, whitespace runs collapsed), transformed by
+``pgolf.data.caseops.encode`` and encoded as [BOS] + ids; a trained tokenizer gets the four
+operators as user-defined symbols (ids 4-7, as the record's), and every validation shard gets its
+byte sidecar ``fineweb_val_bytes_NNNNNN.bin`` (0 for BOS and operators, the original UTF-8 bytes
+of every other token). Each validation document's sidecar bytes are checked to equal the UTF-8
+length of its normalised text. The manifest records the transform.
 """
 
 from __future__ import annotations
@@ -31,11 +39,13 @@ from pgolf.data.manifest import (
     doc_hash,
     remove_stale_outputs,
     shard_record,
+    sidecar_record,
     split_record,
     write_manifest,
 )
 from pgolf.data.shards import write_shard
-from pgolf.data.tokenizer import check_vocab_size, load_tokenizer, sha256_file
+from pgolf.data.sidecar import write_sidecar
+from pgolf.data.tokenizer import challenge_normalizer, check_vocab_size, load_tokenizer, sha256_file, tokenizer_normalizer
 from pgolf.data.tokenizer import train_tokenizer as train_sp_tokenizer
 from pgolf.errors import DataError
 
@@ -74,18 +84,25 @@ def iter_jsonl_texts(path: Path, text_key: str = "text") -> Iterator[str]:
 
 
 class _ShardWriter:
-    """Appends documents to one split's stream and writes a shard each time ``shard_tokens`` are full."""
+    """Appends documents to one split's stream and writes a shard each time ``shard_tokens`` are
+    full; with ``sidecar`` each document comes with its per-token byte counts, written alongside."""
 
-    def __init__(self, folder: Path, split: str, shard_tokens: int, bos_id: int):
+    def __init__(self, folder: Path, split: str, shard_tokens: int, bos_id: int, sidecar: bool = False):
         self.folder, self.split, self.shard_tokens, self.bos_id = folder, split, shard_tokens, bos_id
+        self.sidecar = sidecar
         self.parts: list[np.ndarray] = []
+        self.side_parts: list[np.ndarray] = []
         self.fill = 0
         self.records: list[dict[str, Any]] = []
 
-    def add(self, doc: np.ndarray) -> None:
+    def add(self, doc: np.ndarray, side: np.ndarray | None = None) -> None:
+        assert (side is not None) == self.sidecar and (side is None or side.size == doc.size)
         while doc.size:
             take = min(self.shard_tokens - self.fill, doc.size)
             self.parts.append(doc[:take])
+            if side is not None:
+                self.side_parts.append(side[:take])
+                side = side[take:]
             self.fill += take
             doc = doc[take:]
             if self.fill == self.shard_tokens:
@@ -96,8 +113,12 @@ class _ShardWriter:
             return
         path = self.folder / f"fineweb_{self.split}_{len(self.records):06d}.bin"
         write_shard(path, np.concatenate(self.parts))
-        self.records.append(shard_record(path, self.bos_id))
-        self.parts, self.fill = [], 0
+        record = shard_record(path, self.bos_id)
+        if self.sidecar:
+            write_sidecar(path, np.concatenate(self.side_parts))
+            record["sidecar"] = sidecar_record(path)
+        self.records.append(record)
+        self.parts, self.side_parts, self.fill = [], [], 0
 
 
 def _check_shardable(sp: spm.SentencePieceProcessor, path: Path) -> None:
@@ -129,14 +150,17 @@ def prepare_dataset(
     text_key: str = "text",
     progress: bool = True,
     overwrite: bool = False,
+    caseops: bool = False,
 ) -> dict[str, Any]:
     """Tokenize ``docs_jsonl`` into shards + tokenizer + manifest.json in ``out_dir``; return the manifest.
 
     Give either ``tokenizer`` (a SentencePiece .model, copied into the folder) or
     ``train_tokenizer=True`` (a ``vocab_size``-piece BPE trained with the challenge's settings on
     the training documents only: validation text must not shape the tokenizer). ``vocab_size`` is
-    used only when training.
+    used only when training. ``caseops`` runs the CaseOps pipeline (module docstring).
     """
+    from pgolf.data import caseops as cops
+
     docs_jsonl, out_dir = Path(docs_jsonl), Path(out_dir)
     if (tokenizer is None) == (not train_tokenizer):
         raise DataError("give exactly one of --tokenizer MODEL or --train-tokenizer")
@@ -154,6 +178,8 @@ def prepare_dataset(
     if tokenizer is not None:
         sp = load_tokenizer(tokenizer)
         _check_shardable(sp, Path(tokenizer))
+        if caseops:
+            cops.check_operator_pieces(sp, str(tokenizer))
     else:
         check_vocab_size(vocab_size)
 
@@ -167,14 +193,21 @@ def prepare_dataset(
     _check_out_dir(out_dir, overwrite)
 
     if train_tokenizer:
-        tok_path = out_dir / f"pgolf_{vocab_size}_bpe.model"
+        suffix = f"_{cops.TRANSFORM_NAME}" if caseops else ""
+        tok_path = out_dir / f"pgolf_{vocab_size}_bpe{suffix}.model"
         training_texts = (t for i, t in enumerate(iter_jsonl_texts(docs_jsonl, text_key)) if i >= val_docs)
+        if caseops:
+            norm = challenge_normalizer()
+            training_texts = (cops.encode(norm(t)) for t in training_texts)
         if progress:  # stderr, like the progress bar: stdout is for results (`pgolf data demo` prints a path)
-            print(f"training a {vocab_size}-piece BPE tokenizer on the {total_docs - val_docs} training documents",
-                  file=sys.stderr, flush=True)
-        train_sp_tokenizer(training_texts, tok_path, vocab_size)
+            print(f"training a {vocab_size}-piece BPE tokenizer on the {total_docs - val_docs} training documents"
+                  + (" (CaseOps)" if caseops else ""), file=sys.stderr, flush=True)
+        train_sp_tokenizer(training_texts, tok_path, vocab_size,
+                           user_defined_symbols=list(cops.OPERATORS) if caseops else None)
         sp = load_tokenizer(tok_path, vocab_size)
         _check_shardable(sp, tok_path)
+        if caseops:
+            cops.check_operator_pieces(sp, str(tok_path))
     else:
         assert tokenizer is not None
         tok_path = out_dir / Path(tokenizer).name
@@ -184,19 +217,35 @@ def prepare_dataset(
             os.replace(tmp, tok_path)
     bos_id = int(sp.bos_id())
 
-    writers = {split: _ShardWriter(out_dir, split, shard_tokens, bos_id) for split in ("val", "train")}
+    writers = {"val": _ShardWriter(out_dir, "val", shard_tokens, bos_id, sidecar=caseops),
+               "train": _ShardWriter(out_dir, "train", shard_tokens, bos_id)}
     val_hashes: list[str] = []
     texts = iter_jsonl_texts(docs_jsonl, text_key)
+    normalize = tokenizer_normalizer(sp)
+    table = cops.piece_byte_table(sp) if caseops else None
     index = 0
     with tqdm(total=total_docs, desc="tokenize", unit="doc", disable=not progress) as bar:
         while batch := [t for _, t in zip(range(ENCODE_BATCH), texts)]:
-            for ids in sp.encode(batch, num_threads=os.cpu_count() or 1):
+            if caseops:
+                batch = [normalize(t) for t in batch]
+            encoded = sp.encode([cops.encode(t) for t in batch] if caseops else batch, num_threads=os.cpu_count() or 1)
+            for text, ids in zip(batch, encoded):
                 doc = np.empty(len(ids) + 1, dtype=np.uint16)
                 doc[0] = bos_id
                 doc[1:] = ids
                 if index < val_docs:
                     val_hashes.append(doc_hash(doc[1:]))
-                    writers["val"].add(doc)
+                    side = None
+                    if table is not None:
+                        side = np.zeros(doc.size, dtype=np.int32)
+                        side[1:] = cops.original_byte_counts(doc[1:], table)
+                        want = len(text.encode("utf-8"))
+                        if int(side.sum()) != want:
+                            raise DataError(
+                                f"{docs_jsonl}: document {index}: its tokens stand for {int(side.sum())} bytes but its "
+                                f"normalised text has {want}; the tokenizer does not round-trip CaseOps text"
+                            )
+                    writers["val"].add(doc, side)
                     if index == val_docs - 1:
                         writers["val"].flush()  # validation ends its own last shard
                 else:
@@ -211,6 +260,7 @@ def prepare_dataset(
         "created_by": "pgolf data prepare",
         "tokenizer": {"file": tok_path.name, "sha256": sha256_file(tok_path), "vocab_size": int(sp.vocab_size())},
         "bos_id": bos_id,
+        "transform": caseops_transform_record() if caseops else None,
         "train": split_record(writers["train"].records),
         "val": {**split_record(writers["val"].records), "doc_hashes": val_hashes},
         "source": {
@@ -227,3 +277,15 @@ def prepare_dataset(
     }
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def caseops_transform_record() -> dict[str, Any]:
+    """The manifest's ``transform`` entry of CaseOps data."""
+    from pgolf.data import caseops as cops
+
+    return {
+        "name": cops.TRANSFORM_NAME,
+        "byte_sidecar": True,
+        "operator_ids": {f"U+{ord(op):04X}": i for op, i in cops.OPERATOR_IDS.items()},
+        "normalized_before_transform": True,
+    }

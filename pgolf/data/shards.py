@@ -74,10 +74,20 @@ def read_shard(path: str | Path) -> np.ndarray:
     return tokens.astype(np.uint16, copy=False)
 
 
+def memmap_shard(path: str | Path) -> np.ndarray:
+    """The tokens of a validated shard as a read-only uint16 memory map (nothing read up front)."""
+    count = shard_token_count(path)
+    if count == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
 def resolve_shards(folder: str | Path, pattern: str, what: str) -> list[Path]:
-    """Sorted shard paths matching ``folder/pattern``; an empty match is an error naming the glob."""
+    """Sorted shard paths matching ``folder/pattern``, byte sidecars (``*_bytes_*``) left out; an
+    empty match is an error naming the glob."""
     full = str(Path(folder) / pattern)
-    files = sorted(Path(p) for p in globlib.glob(full))
+    # The challenge's val glob also matches the byte sidecars (fineweb_val_bytes_*.bin): never a shard.
+    files = sorted(Path(p) for p in globlib.glob(full) if "_bytes_" not in Path(p).name)
     if not files:
         raise DataError(
             f"no {what} shards match {full}; prepare data with `pgolf data prepare` or `pgolf data fetch`, "

@@ -109,6 +109,25 @@ def _documents_for_training(texts: Iterable[str], max_chars: int) -> Iterator[st
         yield take
 
 
+def challenge_normalizer():
+    """The text normalisation of :data:`CHALLENGE_TRAINER_SETTINGS` (nmt_nfkc, whitespace runs
+    collapsed, no leading/trailing space, no dummy prefix) as a function str -> str, spaces kept
+    as spaces: what a tokenizer trained with those settings sees of a document."""
+    normalizer = spm.SentencePieceNormalizer(
+        rule_name=str(CHALLENGE_TRAINER_SETTINGS["normalization_rule_name"]),
+        add_dummy_prefix=bool(CHALLENGE_TRAINER_SETTINGS["add_dummy_prefix"]),
+        remove_extra_whitespaces=bool(CHALLENGE_TRAINER_SETTINGS["remove_extra_whitespaces"]),
+        escape_whitespaces=False,
+    )
+    return normalizer.normalize
+
+
+def tokenizer_normalizer(sp: spm.SentencePieceProcessor):
+    """The normalisation of a loaded tokenizer as a function str -> str, with spaces (its "▁"
+    escapes, and any literal U+2581, which it cannot tell apart) as spaces."""
+    return lambda text: sp.normalize(text).replace("\u2581", " ")
+
+
 def check_vocab_size(vocab_size: int) -> None:
     """DataError unless a trained tokenizer of ``vocab_size`` pieces can exist and fit uint16 shards."""
     if vocab_size < 260:
@@ -124,6 +143,7 @@ def train_tokenizer(
     vocab_size: int = 1024,
     *,
     max_chars: int = DEFAULT_MAX_TRAIN_CHARS,
+    user_defined_symbols: list[str] | None = None,
 ) -> Path:
     """Train a SentencePiece BPE tokenizer with the challenge's settings and write it atomically.
 
@@ -134,6 +154,8 @@ def train_tokenizer(
     pieces). Raises
     :class:`DataError` if the text is too small to learn ``vocab_size`` pieces: with
     ``hard_vocab_limit=False`` SentencePiece would otherwise return a smaller vocabulary silently.
+    ``user_defined_symbols`` become pieces 4, 5, ... right after pad/bos/eos/unk (CaseOps puts its
+    four operators there) and are never merged with other text.
     """
     out_path = Path(out_path)
     check_vocab_size(vocab_size)
@@ -146,6 +168,7 @@ def train_tokenizer(
             vocab_size=vocab_size,
             max_sentence_length=_MAX_SENTENCE_BYTES,
             minloglevel=2,  # SentencePiece logs every step at INFO level to stderr otherwise
+            **({"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}),
             **CHALLENGE_TRAINER_SETTINGS,
         )
     except RuntimeError as exc:

@@ -20,6 +20,18 @@ records achieved with a model of this size on 8 x H100 SXM (989 TFLOP/s dense bf
   scoring share is taken out at the eval rate. It is far below the eval rate: 1,893 sequential
   chunks of tiny per-GPU batches.
 
+Phased TTT (``ttt.mode=phased``, R6/R7) is estimated from the document lengths of the stream
+being evaluated, scaled to the official split's 50,000 documents. Document scoring: a forward of
+each chunk's window, 3 forwards for a chunk that is trained on (the adapters' own FLOPs are left
+out), at ``PHASED_SCORE_FLOPS_PER_SECOND``; the global SGD phases (3 forwards per trained token) at
+the TTT training rate (the same small sequential SGD chunks; this gives 71 s for R7's three phases,
+whose log shows 16-38 s each). The scoring rate is calibrated on R7 (pr1855 at seq 2048, 455.1 /
+470.0 / 508.8 s, mean 478 s, frontier.md section 2) with document lengths taken from 2,700 FineWeb
+sample documents (sp8192, median 1,262 tokens) rescaled to the official mean of 957 tokens
+(47,851,520 / 50,000): 3.50e17 scoring FLOPs in 478 - 71 s, a third of the sliding-eval rate (the
+LoRA backward, the head adapter and many short windows). The official split's length distribution
+was not available, so this calibration carries that assumption.
+
 Smaller or narrower models use the GPU less well than these records did, so for them the
 estimate is a lower bound.
 """
@@ -40,6 +52,7 @@ from pgolf.model.config import ModelConfig
 H100_BF16_DENSE_PEAK = 989e12  # FLOP/s per H100 SXM, dense bf16 (NVIDIA datasheet)
 GPUS = 8
 OFFICIAL_VAL_TARGETS = 62_021_632  # fineweb_val_* targets, as logged by every record
+OFFICIAL_VAL_DOCS = 50_000  # the validation split's documents, for every tokenizer (frontier.md 1.1)
 EVAL_LIMIT_SECONDS = 600.0
 # Calibration points (techniques.md sections 22 and 15.4).
 CALIB_SLIDING_SECONDS = 76.0  # PR #374, seq 2048, stride 64
@@ -72,6 +85,10 @@ def _forward_cost(cfg_json: str, window: int) -> ForwardCost:
 
     cfg = ModelConfig(**json.loads(cfg_json))
     cfg.attention_backend = "sdpa"
+    # Document-masked attention finds its segments in the ids, which the meta device cannot; its
+    # FLOPs are counted as dense causal attention over the window (an upper bound).
+    if getattr(cfg, "doc_attention_window", 0):
+        cfg.doc_attention_window = 0
     with torch.device("meta"):
         model = GPT(copy.deepcopy(cfg))
         ids = torch.zeros(1, window, dtype=torch.int64)
@@ -116,12 +133,52 @@ def ttt_train_flops(model_cfg: ModelConfig, n_targets: int, seq_len: int, ttt: T
     return 3.0 * trained * forward_cost(model_cfg, T_eff).flops(T_eff)
 
 
+def phased_flops(model_cfg: ModelConfig, doc_lengths, seq_len: int, ttt: TTTConfig, n_docs: int = OFFICIAL_VAL_DOCS) -> tuple[float, float]:
+    """(document scoring + LoRA FLOPs, global SGD FLOPs) of phased TTT on ``n_docs`` documents
+    distributed like ``doc_lengths`` (targets per document of a sample)."""
+    import numpy as np
+
+    lengths = np.sort(np.asarray(doc_lengths, dtype=np.float64))[::-1]  # the queue runs longest first
+    assert lengths.size > 0 and lengths.min() >= 1, "phased estimate: no documents"
+    weight = n_docs / lengths.size
+    C, L = ttt.doc_chunk, seq_len
+    # body(w) = a w + b w^2 (linear layers, attention scores), fitted exactly at two windows.
+    w1, w2 = max(1, L // 2), L
+    b1, b2 = forward_cost(model_cfg, w1).body, forward_cost(model_cfg, w2).body
+    b = (b2 / w2 - b1 / w1) / (w2 - w1)
+    a = b1 / w1 - b * w1
+    head = forward_cost(model_cfg, L).head
+    k = np.ceil(lengths / C).astype(np.int64)  # chunks per document
+    ks = np.arange(1, int(k.max()) + 1, dtype=np.float64)
+    w = np.minimum(ks * C, L)
+    body = a * w + b * w * w
+    prefix = np.concatenate(([0.0], np.cumsum(body)))  # prefix[j] = sum of the first j chunk windows
+    per_doc = 3.0 * prefix[k - 1] + body[k - 1] + head * (3.0 * C * (k - 1) + (lengths - C * (k - 1)))
+    score = weight * float(per_doc.sum())
+    T = ttt.seq_len or seq_len
+    cum_tokens = np.concatenate(([0.0], np.cumsum(lengths)))
+    sgd = 0.0
+    for phase in range(ttt.phases):
+        boundary = ttt.prefix_docs * (phase + 1) // ttt.phases
+        if boundary <= 0 or boundary >= n_docs:
+            continue
+        docs = boundary / weight  # sample documents standing for the first ``boundary``
+        j = min(int(docs), lengths.size)
+        tokens = weight * (cum_tokens[j] + (docs - j) * (lengths[j] if j < lengths.size else 0.0))
+        chunks = math.ceil(tokens / ttt.chunk_tokens)
+        trained = max(0, chunks - 1) * ttt.chunk_tokens * ttt.global_epochs
+        sgd += 3.0 * trained / min(T, ttt.chunk_tokens) * forward_cost(model_cfg, min(T, ttt.chunk_tokens)).flops(min(T, ttt.chunk_tokens))
+    return score, sgd
+
+
 # The two rates below are ``reference_rates()`` evaluated once and frozen: the FLOPs that the
 # PR #401 model at seq 2048 (pgolf's pr401 preset) spends on the calibration evaluations, divided
 # by their logged times. Freezing them keeps a training run (and a bundled train_gpt.py) from
 # rebuilding the reference model; a test checks they still equal reference_rates().
 EVAL_FLOPS_PER_SECOND = 2.5662093819697045e15
 TTT_TRAIN_FLOPS_PER_SECOND = 1.6586687907361725e14
+# Phased TTT's document scoring (see the module docstring for its calibration on R7).
+PHASED_SCORE_FLOPS_PER_SECOND = 8.59e14
 
 
 def reference_rates() -> tuple[float, float]:
@@ -149,6 +206,7 @@ class EvalBudget:
     ttt_s: float | None
     eval_mfu: float
     ttt_train_mfu: float
+    phased: bool = False
 
     @property
     def total_s(self) -> float:
@@ -163,7 +221,8 @@ class EvalBudget:
         return (
             f"8xH100 SXM, counted FLOPs at the records' throughput: eval {100 * self.eval_mfu:.0f}% of the "
             f"{H100_BF16_DENSE_PEAK / 1e12:.0f} TFLOP/s bf16 peak (PR #374 sliding eval, 76 s), TTT training "
-            f"{100 * self.ttt_train_mfu:.1f}% (2026-03-23 record, 410 s); {self.n_targets:,} targets; lower bound for smaller models"
+            f"{100 * self.ttt_train_mfu:.1f}% (2026-03-23 record, 410 s); {self.n_targets:,} targets"
+            f"{' (phased TTT: 50,000 documents like the evaluated ones)' if self.phased else ''}; lower bound for smaller models"
         )
 
     def as_dict(self) -> dict:
@@ -194,16 +253,23 @@ def estimate_8xh100(
     stride: int = 0,
     ttt: TTTConfig | None = None,
     n_targets: int = OFFICIAL_VAL_TARGETS,
+    doc_lengths=None,
 ) -> EvalBudget:
     """Estimated 8xH100 seconds of the standard eval, the sliding eval (``stride`` > 0) and the
     score-first TTT eval (``ttt.mode != off``; it scores with the sliding windows, or with
-    stride = seq_len when ``stride`` is 0) on ``n_targets`` targets (the official split by default)."""
+    stride = seq_len when ``stride`` is 0) on ``n_targets`` targets (the official split by default).
+    Phased TTT needs ``doc_lengths`` (targets per document of the evaluated stream)."""
     eval_rate, train_rate = calibrated_rates()
     peak = GPUS * H100_BF16_DENSE_PEAK
     std = standard_flops(model_cfg, n_targets, seq_len) / eval_rate
     sl = sliding_flops(model_cfg, n_targets, seq_len, stride) / eval_rate if stride else None
     tt = None
-    if ttt is not None and ttt.mode != "off":
+    if ttt is not None and ttt.mode == "phased":
+        assert doc_lengths is not None, "the phased estimate needs the document lengths of a stream"
+        score, sgd = phased_flops(model_cfg, doc_lengths, seq_len, ttt)
+        tt = score / PHASED_SCORE_FLOPS_PER_SECOND + sgd / train_rate
+    elif ttt is not None and ttt.mode != "off":
         score = sliding_flops(model_cfg, n_targets, seq_len, stride or seq_len) / eval_rate
         tt = score + ttt_train_flops(model_cfg, n_targets, seq_len, ttt) / train_rate
-    return EvalBudget(n_targets, std, sl, tt, eval_rate / peak, train_rate / peak)
+    phased = ttt is not None and ttt.mode == "phased"
+    return EvalBudget(n_targets, std, sl, tt, eval_rate / peak, train_rate / peak, phased)

@@ -14,8 +14,18 @@ only seen targets scored before it (C3, score before update). An evaluation that
 (a non-causal model, a window that scores with later tokens, TTT that trains on a chunk before
 scoring it, or on the whole stream first) changes scores before p and fails.
 
-Modes: ``plain`` (the standard eval, through ``evaluate_standard`` itself), ``sliding`` and
-``ttt`` (score-first TTT as configured). ``check_causality`` also accepts any ``scorer``
+Modes: ``plain`` (the standard eval, through ``evaluate_standard`` itself), ``sliding``,
+``ttt`` (score-first TTT as configured) and ``phased`` (phased TTT, ``pgolf.eval.phased``).
+
+Scoring order. The stream modes score in stream order. Phased TTT scores documents in
+length-sorted batches, so a document late in the stream can be scored (and adapted on) before an
+earlier one; its legality condition is "before" in *scoring* order. Its scorer also returns a key
+per target (the forward step that scored it, times N + 1, plus the target index); a flip at p must
+then leave unchanged every target whose key is below that of target p - 1 (targets scored in earlier
+steps, and the targets of the same step before p - 1 in the stream: the other documents of that
+batch and the earlier targets of p's own). The document structure (the BOS positions), which the
+protocol reads up front to sort the documents (as the records do), is kept: BOS tokens are not
+flipped and no token is flipped into BOS; the check asserts that the scoring order is unchanged. ``check_causality`` also accepts any ``scorer``
 (stream -> per-target NLL), which is how the tests run deliberately illegal evaluations; no
 illegal mode exists in the package. Cost: one full evaluation per position (plus two for the
 baseline and its noise floor), so the audit runs on a prefix of the validation stream.
@@ -34,9 +44,9 @@ from pgolf.eval.bpb import ByteLUT
 from pgolf.eval.config import TTTConfig
 from pgolf.eval.standard import evaluate_standard
 
-# stream [N + 1] -> per-target NLL [N] (float64, CPU)
-Scorer = Callable[[Tensor], Tensor]
-MODES = ("plain", "sliding", "ttt")
+# stream [N + 1] -> per-target NLL [N] (float64, CPU), or (NLL, scoring-order key [N] int64)
+Scorer = Callable[[Tensor], "Tensor | tuple[Tensor, Tensor]"]
+MODES = ("plain", "sliding", "ttt", "phased")
 
 
 def make_scorer(
@@ -50,8 +60,11 @@ def make_scorer(
     batch_windows: int = 32,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    runner_cls: type | None = None,
 ) -> Scorer:
-    """A single-process scorer that runs the package's own evaluation code for ``mode``."""
+    """A single-process scorer that runs the package's own evaluation code for ``mode``
+    (``runner_cls``: a ``PhasedTTT`` subclass for phased mode, which is how the tests plant an
+    illegal variant)."""
     device = torch.device(device)
     if mode == "plain":
 
@@ -90,6 +103,22 @@ def make_scorer(
             return out
 
         return ttt
+    if mode == "phased":
+        from pgolf.eval.phased import PhasedTTT
+
+        if ttt_cfg is None or ttt_cfg.mode != "phased":
+            raise ValueError("phased mode needs a TTTConfig with mode phased")
+        cls = runner_cls or PhasedTTT
+
+        def phased(tokens: Tensor) -> tuple[Tensor, Tensor]:
+            runner = cls(model, tokens, lut, ttt_cfg, seq_len=seq_len, device=device, autocast_dtype=autocast_dtype,
+                         bos_id=int(model.cfg.bos_id), record_order=True)
+            runner.run()
+            n = tokens.numel() - 1
+            assert int(runner.order.min()) >= 0, "phased TTT left a target unscored"
+            return runner.scores.nll.detach().cpu().to(torch.float64), runner.order * (n + 1) + torch.arange(n)
+
+        return phased
     raise ValueError(f"unknown causality mode {mode!r}; valid: {', '.join(MODES)}")
 
 
@@ -170,12 +199,16 @@ def check_causality(
     autocast_dtype: torch.dtype | None = None,
     scorer: Scorer | None = None,
     progress: bool = False,
+    keep_tokens: tuple[int, ...] | None = None,
+    at: list[int] | None = None,
 ) -> CausalityReport:
-    """Flip one token at each of ``positions`` random stream positions and verify that no target
-    before it changes its NLL by more than ``max(atol, 4 * noise_floor)``.
+    """Flip one token at each of ``positions`` random stream positions (or at the positions
+    ``at``) and verify that no target before it (in scoring order) changes its NLL by more than
+    ``max(atol, 4 * noise_floor)``.
 
     ``scorer`` overrides the evaluation (then ``model``/``lut`` may be None); otherwise the
-    package's evaluation for ``mode`` runs on ``model``. Single process."""
+    package's evaluation for ``mode`` runs on ``model``. ``keep_tokens`` are never flipped nor
+    flipped into (phased mode: the BOS id, by default). Single process."""
     t0 = time.perf_counter()
     tokens = val_tokens.detach().to("cpu", torch.int64).clone()
     n = tokens.numel() - 1
@@ -184,14 +217,24 @@ def check_causality(
         scorer = make_scorer(model, lut, mode, seq_len=seq_len, stride=stride, ttt_cfg=ttt_cfg, batch_windows=batch_windows, device=device, autocast_dtype=autocast_dtype)
     if vocab_size is None:
         vocab_size = int(model.cfg.vocab_size) if model is not None and hasattr(model, "cfg") else int(tokens.max()) + 1
-    base = scorer(tokens)
-    again = scorer(tokens)
-    assert base.shape == (n,), f"scorer returned shape {tuple(base.shape)}, expected ({n},)"
+    if keep_tokens is None:
+        keep_tokens = (int(model.cfg.bos_id),) if mode == "phased" and model is not None else ()
+    base, key = _scored(scorer(tokens), n)
+    again, key2 = _scored(scorer(tokens), n)
+    assert torch.equal(key, key2), "the scoring order differs between two runs on the same stream"
     noise = float((base - again).abs().max())
     tol = max(atol, 4.0 * noise)
     report = CausalityReport(mode, n, tol, noise)
     gen = torch.Generator().manual_seed(seed + 1)
-    pos_list = sample_positions(n, positions, seed)
+    kept = torch.tensor(sorted(set(keep_tokens)), dtype=torch.int64)
+    if at is not None:
+        pos_list = sorted(int(p) for p in at)
+        assert all(2 <= p <= n for p in pos_list), f"flip positions must be in [2, {n}]"
+    else:
+        eligible = torch.nonzero(~torch.isin(tokens[2:], kept)).flatten() + 2
+        pick = torch.randperm(eligible.numel(), generator=torch.Generator().manual_seed(seed))[: min(positions, eligible.numel())]
+        pos_list = sorted(int(p) for p in eligible[pick])
+    choices = torch.tensor([t for t in range(vocab_size) if t not in set(kept.tolist())], dtype=torch.int64)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -199,13 +242,24 @@ def check_causality(
         bar = tqdm(pos_list, desc=f"causality {mode}", unit="flip", leave=False, dynamic_ncols=True)
     for p in bar if bar is not None else pos_list:
         old = int(tokens[p])
-        new = (old + 1 + int(torch.randint(vocab_size - 1, (1,), generator=gen))) % vocab_size
+        assert old not in set(kept.tolist()), f"position {p} holds a kept token ({old})"
+        others = choices[choices != old]
+        new = int(others[int(torch.randint(others.numel(), (1,), generator=gen))])
         flipped = tokens.clone()
         flipped[p] = new
-        nll = scorer(flipped)
-        before = (nll[: p - 1] - base[: p - 1]).abs()
+        nll, flipped_key = _scored(scorer(flipped), n)
+        assert torch.equal(flipped_key, key), f"flipping position {p} changed the scoring order"
+        is_before = key < key[p - 1]
+        before = (nll[is_before] - base[is_before]).abs()
         max_before = float(before.max()) if before.numel() else 0.0
-        changed = int(((nll[p - 1 :] - base[p - 1 :]).abs() > tol).sum())
-        report.checks.append(PositionCheck(p, old, new, max_before, p - 1, changed, max_before <= tol))
+        changed = int(((nll[~is_before] - base[~is_before]).abs() > tol).sum())
+        report.checks.append(PositionCheck(p, old, new, max_before, int(is_before.sum()), changed, max_before <= tol))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _scored(out, n: int) -> tuple[Tensor, Tensor]:
+    """(NLL [N] float64, scoring-order key [N]) from a scorer's output (stream order if no key)."""
+    nll, key = out if isinstance(out, tuple) else (out, torch.arange(n))
+    assert nll.shape == (n,), f"scorer returned shape {tuple(nll.shape)}, expected ({n},)"
+    return nll.to(torch.float64), key.to(torch.int64)

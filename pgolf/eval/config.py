@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Adapter targets of the phased protocol, per virtual layer slot: q, k, v (the attention's
+# c_q/c_k/c_v), o (d -> d on the attention input, added to the attention output), mlp (d -> d on
+# the MLP input, added to its output); plus head (d -> vocab, added to the logits before the softcap).
+PHASED_TARGETS = ("q", "k", "v", "o", "mlp", "head")
+
 
 @dataclass(kw_only=True)
 class EvalConfig:
@@ -38,9 +43,16 @@ class TTTConfig:
     3 epochs per chunk, SGD momentum 0.9, lr 0.002 with cosine decay across chunks, clip 1.0,
     32 sequences per step. ``lora`` trains rank-``lora_rank`` adapters on ``lora_targets`` only
     (scale ``lora_alpha / lora_rank``) with the same optimizer and schedule at ``lora_lr``.
+
+    ``phased`` is the protocol of R6/R7 (frontier.md 3.18, ``pgolf.eval.phased``): documents in
+    length-sorted batches of ``batch_docs``, one LoRA per document (``doc_lora_*``, AdamW with
+    betas (0, ``doc_beta2``)) trained on each ``doc_chunk``-token chunk after scoring it, and at
+    the ``phases`` boundaries floor(prefix_docs (k+1) / phases) one pass of SGD on the base model
+    over the documents already scored (``global_lr``, ``global_epochs``, and the score-first keys
+    ``chunk_tokens``, ``momentum``, ``grad_clip``, ``batch_seqs``, ``seq_len``). Defaults are R7's.
     """
 
-    mode: str = "off"  # off | sgd (full parameters) | lora
+    mode: str = "off"  # off | sgd (full parameters) | lora | phased (R6/R7)
     chunk_tokens: int = 32_768
     epochs: int = 3
     lr: float = 0.002  # sgd mode
@@ -52,6 +64,22 @@ class TTTConfig:
     lora_alpha: float = 8.0
     lora_lr: float = 0.5  # lora mode; best of 0.01 / 0.1 / 0.5 on a pr401-cpu model (gains stay small)
     lora_targets: list[str] = field(default_factory=lambda: ["c_q", "c_v"])
+    # --- phased (R6/R7): per-document batched LoRA + global SGD phases --------------------------
+    batch_docs: int = 64  # documents per batch (TTT_BATCH_SIZE)
+    doc_chunk: int = 48  # predicted tokens per LoRA chunk (TTT_CHUNK_SIZE)
+    grad_steps: int = 1  # LoRA optimizer steps per chunk (TTT_GRAD_STEPS)
+    doc_lora_rank: int = 80  # R7 80, R6 96
+    doc_lora_alpha: float = 144.0  # scale alpha / rank
+    doc_lora_lr: float = 1e-4
+    doc_lora_targets: list[str] = field(default_factory=lambda: list(PHASED_TARGETS))
+    doc_beta2: float = 0.99  # AdamW betas (0, beta2): R7 0.99, R6 0.999
+    doc_weight_decay: float = 0.5  # R7 0.5, R6 (scored) 1.0
+    doc_eps: float = 1e-10
+    warm_start_a: bool = True  # keep A across a rank's batches within a phase (B is reset per batch)
+    prefix_docs: int = 2500  # R7 2500, R6 2000
+    phases: int = 3  # global SGD phases at floor(prefix_docs * (k + 1) / phases)
+    global_lr: float = 0.001  # cosine over the chunks of chunk_tokens, the last chunk skipped
+    global_epochs: int = 1
 
     @property
     def effective_lr(self) -> float:
@@ -60,8 +88,8 @@ class TTTConfig:
     def validate(self) -> None:
         from pgolf.errors import ConfigError
 
-        if self.mode not in ("off", "sgd", "lora"):
-            raise ConfigError(f"ttt.mode: must be off, sgd or lora, got {self.mode!r}")
+        if self.mode not in ("off", "sgd", "lora", "phased"):
+            raise ConfigError(f"ttt.mode: must be off, sgd, lora or phased, got {self.mode!r}")
         if self.chunk_tokens < 1 or self.epochs < 0 or self.batch_seqs < 1:
             raise ConfigError("ttt.chunk_tokens and ttt.batch_seqs must be >= 1, ttt.epochs >= 0")
         if self.lr < 0 or self.lora_lr < 0 or self.grad_clip < 0 or not 0 <= self.momentum < 1:
@@ -72,3 +100,15 @@ class TTTConfig:
             raise ConfigError("ttt.lora_rank must be >= 1 and ttt.lora_alpha > 0")
         if self.mode == "lora" and not self.lora_targets:
             raise ConfigError("ttt.lora_targets: name at least one linear layer (e.g. c_q,c_v) for ttt.mode=lora")
+        for key in ("batch_docs", "doc_chunk", "grad_steps", "doc_lora_rank", "global_epochs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"ttt.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.prefix_docs < 0 or self.phases < 0:
+            raise ConfigError(f"ttt.prefix_docs and ttt.phases must be >= 0 (0 = no global SGD), got {self.prefix_docs}, {self.phases}")
+        if self.doc_lora_alpha <= 0 or self.doc_lora_lr < 0 or self.global_lr < 0 or self.doc_weight_decay < 0:
+            raise ConfigError("ttt.doc_lora_alpha must be > 0; ttt.doc_lora_lr, ttt.global_lr and ttt.doc_weight_decay >= 0")
+        if not 0 <= self.doc_beta2 < 1 or self.doc_eps <= 0:
+            raise ConfigError(f"ttt.doc_beta2 must be in [0, 1) and ttt.doc_eps > 0, got {self.doc_beta2}, {self.doc_eps}")
+        bad = [t for t in self.doc_lora_targets if t not in PHASED_TARGETS]
+        if bad or (self.mode == "phased" and not self.doc_lora_targets):
+            raise ConfigError(f"ttt.doc_lora_targets: {bad or 'empty'}; choose from {', '.join(PHASED_TARGETS)}")

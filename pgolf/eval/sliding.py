@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pgolf.errors import ConfigError
-from pgolf.eval.bpb import ByteLUT, EvalResult
+from pgolf.eval.bpb import ByteCounter, EvalResult, target_bytes
 from pgolf.eval.standard import NLLFn, autocast_context
 
 
@@ -151,7 +151,7 @@ def score_windows(
     plan: SlidingPlan,
     lo: int,
     hi: int,
-    lut: ByteLUT,
+    lut: ByteCounter,
     scores: StreamScores,
     *,
     batch_windows: int,
@@ -170,10 +170,11 @@ def score_windows(
         with autocast_context(device, autocast_dtype):
             nll = nll_fn(x, y, f)
         assert nll.shape == (b - a, W - f), f"nll_fn returned {tuple(nll.shape)}, expected {(b - a, W - f)}"
-        pos = (idx[:, f + 1 :] - 1).to(device).reshape(-1)  # target index = stream index - 1
+        pos2d = (idx[:, f + 1 :] - 1).to(device)  # target index = stream index - 1
+        pos = pos2d.reshape(-1)
         scores.nll.index_put_((pos,), nll.to(torch.float64).reshape(-1), accumulate=True)
         scores.count.index_put_((pos,), torch.ones_like(pos, dtype=torch.int32), accumulate=True)
-        scores.bytes += lut.target_bytes(x[:, f:], y[:, f:]).to(torch.int64).sum()
+        scores.bytes += target_bytes(lut, pos2d, x[:, f:], y[:, f:]).to(torch.int64).sum()
         if bar is not None:
             bar.update(b - a)
 
@@ -183,7 +184,7 @@ def evaluate_sliding(
     val_tokens: Tensor,
     seq_len: int,
     stride: int,
-    lut: ByteLUT,
+    lut: ByteCounter,
     *,
     batch_windows: int = 32,
     device: torch.device | str = "cpu",

@@ -4,7 +4,8 @@ The validation stream is every validation shard concatenated and cut to
 ``((N - 1) // L) * L + 1`` tokens, so it holds a whole number of L-token windows plus the one
 token that the last window's final target needs. The standard eval cuts it into consecutive
 windows of L; every target is scored once, with the context of its own window. Windows are split
-contiguously across ranks and the float64 sums all-reduced.
+contiguously across ranks and the float64 sums all-reduced. Bytes come from
+``pgolf.eval.bpb.target_bytes`` (the LUT rule, or the byte sidecar of CaseOps data).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from pgolf.data.shards import load_tokens
 from pgolf.errors import DataError
-from pgolf.eval.bpb import BPBAccumulator, ByteLUT, EvalResult
+from pgolf.eval.bpb import BPBAccumulator, ByteCounter, EvalResult
 
 # (ids [B, T], targets [B, T], first_scored) -> per-token NLL [B, T - first_scored]
 NLLFn = Callable[[Tensor, Tensor, int], Tensor]
@@ -55,7 +56,7 @@ def evaluate_standard(
     nll_fn: NLLFn,
     val_tokens: Tensor,
     seq_len: int,
-    lut: ByteLUT,
+    lut: ByteCounter,
     *,
     batch_tokens: int,
     device: torch.device,
@@ -79,9 +80,10 @@ def evaluate_standard(
         chunk = val_tokens[s * seq_len : e * seq_len + 1].to(device)
         x = chunk[:-1].view(-1, seq_len)
         y = chunk[1:].view(-1, seq_len)
+        positions = torch.arange(s * seq_len, e * seq_len, device=device).view(-1, seq_len)  # target indices
         with autocast_context(device, autocast_dtype):
             nll = nll_fn(x, y, 0)
-        acc.add(nll.float(), x, y, lut)
+        acc.add(nll.float(), x, y, lut, positions)
     return acc.result().with_seconds(time.perf_counter() - t0)
 
 

@@ -5,7 +5,9 @@ challenge's final log-line names:
 * ``final_<label>_sliding_window[_exact]`` when ``eval.sliding_stride`` > 0: the exact
   sliding-window eval (the records' score);
 * ``legal_ttt[_exact]`` when ``ttt.mode`` is not ``off``: score-first test-time training on a
-  copy of the model (the artifact's weights are never changed);
+  copy of the model (the artifact's weights are never changed); for ``phased`` also one
+  ``legal_ttt_phase`` line per global SGD phase and one ``legal_ttt_segment`` line (bpb) per
+  stretch of documents between phases;
 * ``eval_estimate_8xh100`` (runs with the ``8xh100`` profile): the FLOP-based 8xH100 time of
   these evaluations on the official validation split, and whether they fit the 600 s limit.
   ``pgolf eval`` prints it for any artifact.
@@ -59,7 +61,9 @@ def final_evaluations(model, trainer: Any, label: str) -> dict[str, Any]:
             val_targets_sliding=sl.targets,
             val_bytes_sliding=sl.bytes,
         )
-    if cfg.ttt.mode != "off":
+    if cfg.ttt.mode == "phased":
+        out.update(_phased(model, trainer, common))
+    elif cfg.ttt.mode != "off":
         from pgolf.eval.ttt import evaluate_ttt
 
         t = cfg.ttt
@@ -83,15 +87,58 @@ def final_evaluations(model, trainer: Any, label: str) -> dict[str, Any]:
         )
     model.train(was_training)
     if cfg.profile == "8xh100":
-        out.update(_estimate(cfg, log))
+        out.update(_estimate(cfg, log, trainer.val_tokens))
     return out
 
 
-def _estimate(cfg, log) -> dict[str, Any]:
+def _phased(model, trainer: Any, common: dict[str, Any]) -> dict[str, Any]:
+    """Phased TTT (R6/R7): ``legal_ttt`` lines as the other TTT modes, plus one line per phase."""
+    from pgolf.eval.phased import evaluate_phased
+
+    cfg, log = trainer.cfg, trainer.logger
+    t = cfg.ttt
+    show = log.log if common["progress"] else None
+    o = evaluate_phased(model, trainer.val_tokens, trainer.lut, t, seq_len=cfg.eval_seq_len, device=common["device"],
+                        rank=common["rank"], world_size=common["world_size"], autocast_dtype=common["autocast_dtype"],
+                        bos_id=cfg.model.bos_id, progress=show)
+    r = o.result
+    for p in o.phases:
+        log.log(f"legal_ttt_phase phase:{p.phase} docs:{p.boundary_docs} after_batch:{p.after_batch} tokens:{p.tokens} "
+                f"sgd_steps:{p.sgd_steps} sgd_time:{1000 * p.sgd_seconds:.0f}ms")
+    for seg in o.segments:
+        if "val_bpb" in seg:
+            log.log(f"legal_ttt_segment after_phase:{seg['after_phase']} docs:{seg['docs']} targets:{seg['targets']} "
+                    f"val_loss:{seg['val_loss']:.4f} val_bpb:{seg['val_bpb']:.4f} score_time:{1000 * seg['score_seconds']:.0f}ms")
+    log.log(
+        f"legal_ttt mode:phased docs:{o.documents} batch_docs:{t.batch_docs} chunk:{t.doc_chunk} rank:{t.doc_lora_rank} "
+        f"lr:{t.doc_lora_lr} phases:{len(o.phases)}/{t.phases} prefix_docs:{t.prefix_docs} "
+        f"val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{1000 * r.seconds:.0f}ms "
+        f"lora_steps:{o.lora_steps} sgd_time:{1000 * o.sgd_seconds:.0f}ms"
+    )
+    log.log(f"legal_ttt_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+    return dict(
+        val_loss_ttt=r.val_loss,
+        val_bpb_ttt=r.val_bpb,
+        ttt_mode="phased",
+        eval_seconds_ttt=r.seconds,
+        ttt_train_seconds=o.sgd_seconds,
+        ttt_documents=o.documents,
+        ttt_phases=[p.as_dict() for p in o.phases],
+        ttt_segments=o.segments,
+        val_targets_ttt=r.targets,
+    )
+
+
+def _estimate(cfg, log, val_tokens=None) -> dict[str, Any]:
     """The 8xH100 estimate, labelled as an estimate (cheap: FLOPs counted on the meta device)."""
     from pgolf.eval.budget import estimate_8xh100
 
-    est = estimate_8xh100(cfg.model, cfg.eval_seq_len, cfg.eval.sliding_stride, cfg.ttt)
+    lengths = None
+    if cfg.ttt.mode == "phased":
+        from pgolf.eval.documents import split_documents
+
+        lengths = split_documents(val_tokens.cpu(), cfg.model.bos_id).lengths.numpy()
+    est = estimate_8xh100(cfg.model, cfg.eval_seq_len, cfg.eval.sliding_stride, cfg.ttt, doc_lengths=lengths)
     log.log(est.log_line())
     return {
         "eval_estimate_8xh100_seconds": est.total_s,

@@ -23,6 +23,9 @@ Modes: ``sgd`` trains every parameter (the recorded recipe); ``lora`` freezes th
 rank-r adapters ``x -> scale * B(A x)`` added to the linears named in ``ttt.lora_targets``
 (B starts at zero, so the adapted model starts exactly at the artifact's model).
 
+The phased protocol of R6/R7 (per-document LoRA, global SGD phases) is ``pgolf.eval.phased``; it
+shares ``sgd_pass`` (the distributed SGD over sequences) with this module.
+
 The adaptation always works on a deep copy: the caller's model (and the artifact it came from) is
 never modified. With ``lr = 0`` the weights never move and the result equals the plain sliding
 eval bit for bit (same windows, same per-target NLL vector).
@@ -197,41 +200,16 @@ class ScoreFirstTTT:
         """Train on the targets of chunk c (and nothing after them)."""
         t0 = time.perf_counter()
         lo, hi = self.chunk_range(c)
-        T = self.train_seq_len if hi - lo >= self.train_seq_len else hi - lo
-        n_seq = (hi - lo) // T
-        x_all = self.tokens[lo : lo + n_seq * T].view(n_seq, T)
-        y_all = self.tokens[lo + 1 : lo + n_seq * T + 1].view(n_seq, T)
-        assert lo + n_seq * T <= hi, "TTT would train past its chunk"
-        lr = self.chunk_lr(c)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        x_all, y_all = sequences(self.tokens, lo, hi, self.train_seq_len)
+        assert lo + x_all.numel() <= hi, "TTT would train past its chunk"
         self.model.train()
-        B = self.cfg.batch_seqs
-        for _ in range(self.cfg.epochs):
-            for b0 in range(0, n_seq, B):
-                nb = min(B, n_seq - b0)
-                r_lo, r_hi = rank_slice(nb, self.rank, self.world_size)
-                if r_hi > r_lo:
-                    x, y = x_all[b0 + r_lo : b0 + r_hi], y_all[b0 + r_lo : b0 + r_hi]
-                    with autocast_context(self.device, self.autocast_dtype):
-                        loss = self.model.token_nll(x, y, 0).float().sum() / (nb * T)
-                    loss.backward()
-                self._step()
+        self.steps += sgd_pass(
+            self.model, self.params, self.optimizer, x_all, y_all, lr=self.chunk_lr(c), epochs=self.cfg.epochs,
+            batch_seqs=self.cfg.batch_seqs, grad_clip=self.cfg.grad_clip, rank=self.rank, world_size=self.world_size,
+            device=self.device, autocast_dtype=self.autocast_dtype,
+        )
         self.trained_chunks += 1
         self.train_seconds += time.perf_counter() - t0
-
-    def _step(self) -> None:
-        for p in self.params:
-            if p.grad is None:  # a rank without sequences in this batch still joins the all-reduce
-                p.grad = torch.zeros_like(p)
-        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
-            for p in self.params:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
 
     def process_chunk(self, c: int) -> None:
         """Score first, then adapt (never on the last chunk: nothing is left to score)."""
@@ -266,6 +244,67 @@ class ScoreFirstTTT:
             score_seconds=self.score_seconds,
             train_seconds=self.train_seconds,
         )
+
+
+def sequences(stream: Tensor, lo: int, hi: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    """Inputs ``stream[lo : ...]`` and targets one token later, cut into sequences of ``seq_len``
+    inside targets ``[lo, hi)`` (a remainder shorter than one sequence is dropped; a range shorter
+    than one sequence is one sequence)."""
+    T = seq_len if hi - lo >= seq_len else hi - lo
+    n_seq = (hi - lo) // T
+    return stream[lo : lo + n_seq * T].view(n_seq, T), stream[lo + 1 : lo + n_seq * T + 1].view(n_seq, T)
+
+
+def sgd_pass(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    x_all: Tensor,
+    y_all: Tensor,
+    *,
+    lr: float,
+    epochs: int,
+    batch_seqs: int,
+    grad_clip: float,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> int:
+    """``epochs`` passes over the sequences in order, ``batch_seqs`` per optimizer step over all
+    ranks (split contiguously), the mean token loss of the step's sequences, gradients summed over
+    ranks, global-norm clip, one step; returns the number of steps."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    n_seq, T = x_all.shape
+    steps = 0
+    for _ in range(epochs):
+        for b0 in range(0, n_seq, batch_seqs):
+            nb = min(batch_seqs, n_seq - b0)
+            r_lo, r_hi = rank_slice(nb, rank, world_size)
+            if r_hi > r_lo:
+                x = x_all[b0 + r_lo : b0 + r_hi].to(device)
+                y = y_all[b0 + r_lo : b0 + r_hi].to(device)
+                with autocast_context(device, autocast_dtype):
+                    loss = model.token_nll(x, y, 0).float().sum() / (nb * T)
+                loss.backward()
+            optimizer_step(params, optimizer, grad_clip, world_size)
+            steps += 1
+    return steps
+
+
+def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float, world_size: int) -> None:
+    """All-reduce (sum) the gradients over ranks, clip the global norm, step, clear."""
+    for p in params:
+        if p.grad is None:  # a rank without sequences in this batch still joins the all-reduce
+            p.grad = torch.zeros_like(p)
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        for p in params:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def evaluate_ttt(

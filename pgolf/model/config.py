@@ -106,6 +106,11 @@ class ModelConfig:
     smear_bos_mask: bool = True
     # --- kernels -------------------------------------------------------------------------------
     attention_backend: str = "auto"  # auto | sdpa | flash3 (flash3 needs flash_attn_interface on CUDA)
+    # Document-masked attention (R6/R7, for data.loader=packed): > 0 = attention never crosses a BOS
+    # (bos_id) and documents longer than this are cut into pieces of this many tokens (the records'
+    # cu_seqlens, 2048); the segments come from the ids. FlashAttention varlen on CUDA when
+    # importable, an exact PyTorch equivalent elsewhere (pgolf.model.attention.DocumentAttention).
+    doc_attention_window: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -213,3 +218,5 @@ class ModelConfig:
             raise bad("smear_gate_v2", "SmearGate v1 (smear_gate) and v2 are alternatives; switch one off")
         if self.attention_backend not in ("auto", "sdpa", "flash3"):
             raise bad("attention_backend", f"must be auto, sdpa or flash3, got {self.attention_backend!r}")
+        if self.doc_attention_window < 0:
+            raise bad("doc_attention_window", f"must be 0 (off) or a positive number of tokens, got {self.doc_attention_window}")

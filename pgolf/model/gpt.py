@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf.model.attention import AttentionKernel, CausalSelfAttention, resolve_attention_kernel, sdpa_attention
+from pgolf.model.attention import AttentionKernel, CausalSelfAttention, causal_only, resolve_attention_kernel, sdpa_attention
 from pgolf.model.config import ModelConfig
 from pgolf.model.layers import CastedLinear, Passthrough, RMSNorm
 from pgolf.model.residual import FINAL_LANE, additive_skip, gated_skip, parallel_residual, sequential_residual, two_lane_step
@@ -99,12 +99,25 @@ def unsmeared(model: nn.Module, x: Tensor, ids: Tensor) -> Tensor:
     return x
 
 
+def unadapted_logits(model: nn.Module, hidden: Tensor, logits: Tensor) -> Tensor:
+    """The pre-softcap logits hook (``GPT.adapt_logits``) when no LM-head adapter is attached
+    (phased TTT's per-document head LoRA replaces it on its copy of the model)."""
+    return logits
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, kernel: AttentionKernel | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         kernel = kernel or sdpa_attention
+        self.prepare_attention = causal_only
+        if cfg.doc_attention_window > 0:  # R6/R7: attention never crosses a BOS (pgolf.model.attention)
+            from pgolf.model.attention import DocumentAttention, mask_documents
+
+            self.doc_attention = DocumentAttention(cfg.bos_id, cfg.doc_attention_window, cfg.attention_backend)
+            kernel = self.doc_attention
+            self.prepare_attention = mask_documents
         bos_id = cfg.bos_id if cfg.doc_aware else None
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         # Optional parts are imported only when used: a bundled submission carries no dead code.
@@ -138,6 +151,7 @@ class GPT(nn.Module):
             self.parallel_post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2, 2, dtype=torch.float32))
             self.parallel_resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), cfg.parallel_resid_lambda_init, dtype=torch.float32))
         self.final_lane = FINAL_LANE[cfg.parallel_final_lane]
+        self.adapt_logits = unadapted_logits
         # Evaluation always runs with the loops on; training switches them off until loop_enable_at.
         self.set_looping(cfg.num_loops > 0)
         ve_layers = cfg.resolved_ve_layers()
@@ -259,6 +273,7 @@ class GPT(nn.Module):
 
     def forward_hidden(self, ids: Tensor) -> Tensor:
         """ids [B, T] -> final-normed hidden states [B, T, model_dim]."""
+        self.prepare_attention(self, ids)
         x = self.tok_emb(ids)
         x = self.embed_smear(self, x, ids)
         x = self.bigram(x, ids)
@@ -289,7 +304,7 @@ class GPT(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., model_dim] -> soft-capped logits [..., vocab] (fp32, or fp64 for a fp64 model)."""
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, w.to(hidden.dtype))
+        logits = self.adapt_logits(self, hidden, F.linear(hidden, w.to(hidden.dtype)))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # CE in (at least) fp32
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap)

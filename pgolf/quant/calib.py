@@ -63,10 +63,17 @@ def _digest(path: Path) -> str:
 
 
 class TrainTokens:
-    """``num_seqs`` sequences of ``seq_len`` tokens read in order from the start of the training
-    shards of ``data_cfg`` (tokens the model has trained on)."""
+    """``num_seqs`` sequences of ``seq_len`` tokens of the training shards of ``data_cfg`` (tokens
+    the model has trained on), drawn the way the run's loader draws them: with ``data.loader``
+    ``stream`` in order from the start of the shards (the challenge's stream); with a records'
+    loader (``shuffled``, ``coprime``, ``packed``; ``pgolf.data.loaders.build_loader``) from a
+    fresh instance of that loader for ``rank`` of ``world_size``, one rank's batch of
+    ``batch_seqs`` x ``seq_len`` tokens per forward, as R2 (a new coprime loader), R4/R5
+    (ShuffledSequenceLoader) and R6/R7 (the packed loader: one row of whole documents) did.
+    ``bos_id`` / ``doc_window`` are the model's, for the packed loader."""
 
-    def __init__(self, data_cfg: DataConfig, *, num_seqs: int, seq_len: int, batch_seqs: int = 8):
+    def __init__(self, data_cfg: DataConfig, *, num_seqs: int, seq_len: int, batch_seqs: int = 8, rank: int = 0,
+                 world_size: int = 1, bos_id: int = 1, doc_window: int | None = None):
         if not isinstance(data_cfg, DataConfig):
             raise TypeError("TrainTokens takes the run's DataConfig (cfg.data), not tokens or paths")
         if num_seqs <= 0 or seq_len <= 0:
@@ -96,9 +103,14 @@ class TrainTokens:
                     raise DataError(f"{f}: has the same bytes as a validation shard; validation tokens can never be calibration data")
         self._stream = TokenStream(files, data_cfg.val_glob)  # refuses names matching the val glob
         self.files = files
+        self.data_cfg, self.loader_kind = data_cfg, getattr(data_cfg, "loader", "stream")
+        self.rank, self.world_size, self.bos_id, self.doc_window = rank, world_size, bos_id, doc_window
         self.num_seqs, self.seq_len, self.batch_seqs = num_seqs, seq_len, max(1, batch_seqs)
 
     def batches(self, device: torch.device, progress: bool = False) -> Iterator[Tensor]:
+        if self.loader_kind != "stream":
+            yield from self._loader_batches(device)
+            return
         done = 0
         while done < self.num_seqs:
             b = min(self.batch_seqs, self.num_seqs - done)
@@ -106,8 +118,20 @@ class TrainTokens:
             yield torch.from_numpy(chunk).view(b, self.seq_len).to(device)
             done += b
 
+    def _loader_batches(self, device: torch.device) -> Iterator[Tensor]:
+        from pgolf.data.loaders import build_loader
+
+        loader = build_loader(self.data_cfg, self.files, self.rank, self.world_size, device, doc_window=self.doc_window, bos_id=self.bos_id)
+        done = 0
+        while done < self.num_seqs:
+            b = min(self.batch_seqs, self.num_seqs - done)
+            x, _ = loader.next_batch(b * self.seq_len * self.world_size, self.seq_len, 1)  # packed: one row of b x seq_len tokens
+            yield x
+            done += b
+
     def describe(self) -> str:
-        return f"train shards ({len(self.files)} files, {self.num_seqs}x{self.seq_len} tokens)"
+        how = "in order" if self.loader_kind == "stream" else f"{self.loader_kind} loader, rank {self.rank}/{self.world_size}"
+        return f"train shards ({len(self.files)} files, {how}, {self.num_seqs}x{self.seq_len} tokens)"
 
 
 class SelfGenerated:
@@ -169,11 +193,29 @@ def check_source(source: object) -> None:
         )
 
 
-def calibration_source(cfg, model: nn.Module, amp_dtype: torch.dtype | None = None) -> TrainTokens | SelfGenerated:
-    """The source named by ``cfg.quant.gptq_calib_source`` for a run config ``cfg``."""
+def calibration_seqs(cfg) -> int:
+    """Sequences of calibration: ``quant.gptq_calib_seqs``, or with ``quant.gptq_calib_batches`` > 0
+    that many of the records' batches, one rank's micro-batch each (train_batch_tokens /
+    train.grad_accum_base tokens: 48 x 2048 on 8xH100, so R6/R7's 16 batches are 768 sequences)."""
+    q = cfg.quant
+    if q.gptq_calib_batches <= 0:
+        return q.gptq_calib_seqs
+    seq_len = q.gptq_calib_seq_len or cfg.train.train_seq_len
+    micro = cfg.train.train_batch_tokens // max(cfg.train.grad_accum_base, 1)
+    return max(1, q.gptq_calib_batches * micro // seq_len)
+
+
+def calibration_source(cfg, model: nn.Module, amp_dtype: torch.dtype | None = None, *, rank: int = 0,
+                       world_size: int = 1) -> TrainTokens | SelfGenerated:
+    """The source named by ``cfg.quant.gptq_calib_source`` for a run config ``cfg`` (training
+    tokens through the run's ``data.loader`` for ``rank`` of ``world_size``, or self-generated)."""
     q = cfg.quant
     seq_len = q.gptq_calib_seq_len or cfg.train.train_seq_len
+    num_seqs = calibration_seqs(cfg)
     if q.gptq_calib_source == "self":
-        return SelfGenerated(model, num_seqs=q.gptq_calib_seqs, seq_len=seq_len, temperature=q.gptq_temperature,
+        return SelfGenerated(model, num_seqs=num_seqs, seq_len=seq_len, temperature=q.gptq_temperature,
                              seed=cfg.train.seed, bos_id=cfg.model.bos_id, amp_dtype=amp_dtype)
-    return TrainTokens(cfg.data, num_seqs=q.gptq_calib_seqs, seq_len=seq_len)
+    micro_seqs = cfg.train.train_batch_tokens // max(cfg.train.grad_accum_base, 1) // seq_len
+    batch_seqs = max(1, micro_seqs) if q.gptq_calib_batches > 0 else 8  # one record batch per forward
+    return TrainTokens(cfg.data, num_seqs=num_seqs, seq_len=seq_len, batch_seqs=batch_seqs, rank=rank, world_size=world_size,
+                       bos_id=cfg.model.bos_id, doc_window=cfg.model.doc_attention_window)

@@ -48,8 +48,9 @@ class QuantConfig:
     scale_floor: float = -1.0  # -1: 1/qmax, the submissions' floor; 0: none (1e-12 guard)
     scale_dtype: str = "fp16"
     # Storage of the integer values: int8 (one per byte, as the submissions; kept for comparisons),
-    # bitpack (N bits each), entropy (range-coded, row/column-group statistics, see entropy.py), or
-    # auto (the smaller of bitpack and entropy per tensor, after the codec; recorded in the artifact).
+    # bitpack (N bits each), entropy (range-coded, row/column-group statistics, see entropy.py), ctx
+    # (range-coded, adaptive contexts of the previous row in a stored row order, see ctxcoder.py), or
+    # auto (the smallest per tensor, after the codec; recorded in the artifact).
     packing: str = "auto"
     # Byte-level compressor: zlib-9 (baseline), zstd-22 (records; required, never a fallback),
     # lzma, brotli, none, or auto (smallest per tensor, recorded in the artifact). A fixed codec
@@ -69,8 +70,34 @@ class QuantConfig:
     gptq_damp: float = 0.01  # times mean(diag H), added to the diagonal
     gptq_act_order: bool = True  # columns in order of decreasing diag(H) (the records' reordering)
     # Seconds taken off the training wallclock cap when gptq=full, so that training + Hessians stay
-    # inside the cap (the records' GPTQ_RESERVE_SECONDS; calibration reads training data).
+    # inside the cap (the records' GPTQ_RESERVE_SECONDS; calibration reads training data). Checked
+    # at run start against the measured collection (pgolf.quant.reserve); -1 = auto (measured + 20%).
     gptq_reserve_seconds: float = 10.0
+    # Calibration size in the records' unit: batches of one rank's micro-batch
+    # (train_batch_tokens / train.grad_accum_base tokens: 48 x 2048 on 8xH100); 0 = gptq_calib_seqs.
+    gptq_calib_batches: int = 0
+    # GPTQ of the tied embedding (or untied lm_head) with the Hessian of the final norm's output,
+    # the input of the LM head (R4+); off: the embedding is rounded to nearest (R3).
+    gptq_embed: bool = False
+    # SDClip (R4+, format clip rule ``sd``): clip = k * std(row), scale = max(k * std / qmax, 1e-10).
+    # k by group, chosen by name as the records do: tok_emb/lm_head -> embed, ".mlp." -> mlp,
+    # ".attn." -> attn, anything else -> other (the records' MATRIX_CLIP_SIGMAS).
+    sdclip_k_embed: float = 20.0
+    sdclip_k_mlp: float = 12.85
+    sdclip_k_attn: float = 12.85
+    sdclip_k_other: float = 12.85
+    # Hessian-aware SDClip (2026-04-06 non-record): scale * (1 + lambda (row_importance - 1)), with
+    # row importance from diag(H); applies to GPTQ tensors with the sd rule. 0 = off (R4-R7).
+    sdclip_hessian_lambda: float = 0.0
+    # Quant-gate (R6/R7): 2-D ``*.attn_gate_w`` tensors with 32..8192 elements get this format
+    # before the control / float-passthrough rules; "" = off. Records: int8:max:sym:nofloor.
+    gate_format: str = ""
+    # LQER (R7): rank-r SVD corrections of the top-K integer tensors by ||W - W_hat||_F.
+    lqer_top_k: int = 0  # 0 = off; R7: 3
+    lqer_rank: int = 4
+    lqer_mode: str = "asym"  # asym: A int2 (one scale), B int4 (group scales); sym: both int<bits> per row
+    lqer_group: int = 64  # asym group size over the flattened B (falls back to sym if it does not divide)
+    lqer_factor_bits: int = 4  # bits of the symmetric factors
     budget_bytes: int = 16_000_000  # decimal, code + compressed model
 
     def validate(self) -> None:
@@ -100,14 +127,34 @@ class QuantConfig:
                 f"quant.gptq_calib_source: must be train or self, got {self.gptq_calib_source!r} "
                 "(validation tokens can never be used for calibration)"
             )
-        if self.gptq_reserve_seconds < 0:
-            raise ConfigError(f"quant.gptq_reserve_seconds: must be >= 0, got {self.gptq_reserve_seconds}")
+        if self.gptq_reserve_seconds < 0 and self.gptq_reserve_seconds != -1:
+            raise ConfigError(f"quant.gptq_reserve_seconds: must be >= 0, or -1 (auto: the Hessian collection measured at start + 20%), got {self.gptq_reserve_seconds}")
+        if self.gate_format:
+            try:
+                gate = parse_format(self.gate_format)
+            except ValueError as exc:
+                raise ConfigError(f"quant.gate_format: {exc}") from None
+            if gate.kind != "int":
+                raise ConfigError(f"quant.gate_format: must be an integer format (records: int8:max:sym:nofloor) or empty, got {self.gate_format!r}")
+        for key in ("sdclip_k_embed", "sdclip_k_mlp", "sdclip_k_attn", "sdclip_k_other"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"quant.{key}: must be positive (clip = k * row std), got {getattr(self, key)}")
+        if not 0.0 <= self.sdclip_hessian_lambda < 1.0:
+            raise ConfigError(f"quant.sdclip_hessian_lambda: must be in [0, 1), got {self.sdclip_hessian_lambda}")
+        if self.gptq_calib_batches < 0:
+            raise ConfigError(f"quant.gptq_calib_batches: must be >= 0 (0: use gptq_calib_seqs), got {self.gptq_calib_batches}")
+        if self.lqer_top_k < 0 or self.lqer_rank <= 0 or self.lqer_group <= 0:
+            raise ConfigError(f"quant.lqer_top_k must be >= 0, lqer_rank and lqer_group positive; got {self.lqer_top_k}, {self.lqer_rank}, {self.lqer_group}")
+        if self.lqer_mode not in ("asym", "sym"):
+            raise ConfigError(f"quant.lqer_mode: must be asym or sym, got {self.lqer_mode!r}")
+        if not 2 <= self.lqer_factor_bits <= 8:
+            raise ConfigError(f"quant.lqer_factor_bits: must be in 2..8, got {self.lqer_factor_bits}")
         if self.gptq_calib_seqs <= 0 or self.gptq_block_size <= 0 or self.gptq_calib_seq_len < 0:
             raise ConfigError("quant.gptq_calib_seqs and quant.gptq_block_size must be positive, quant.gptq_calib_seq_len >= 0")
         if not self.gptq_damp > 0 or not self.gptq_temperature > 0:
             raise ConfigError(f"quant.gptq_damp and quant.gptq_temperature must be positive, got {self.gptq_damp}, {self.gptq_temperature}")
-        if self.packing not in ("int8", "bitpack", "entropy", "auto"):
-            raise ConfigError(f"quant.packing: must be int8, bitpack, entropy or auto, got {self.packing!r}")
+        if self.packing not in ("int8", "bitpack", "entropy", "ctx", "auto"):
+            raise ConfigError(f"quant.packing: must be int8, bitpack, entropy, ctx or auto, got {self.packing!r}")
         if self.scale_dtype not in ("fp16", "fp32", "bf16"):
             raise ConfigError(f"quant.scale_dtype: must be fp16, bf16 or fp32, got {self.scale_dtype!r}")
         if self.budget_bytes <= 0:

@@ -19,7 +19,7 @@ Header JSON (arrays rather than objects: the header counts toward the 16 MB)::
 
 ``key`` is ``v`` (values) or ``s`` (per-row scales of an integer format); ``offset``/``nbytes``
 locate the stream inside the *decompressed* chunk; ``enc`` is the element encoding
-(``streams.ENCODINGS``) and ``packing`` is ``raw``, ``bitpack`` or ``entropy`` (integer values
+(``streams.ENCODINGS``) and ``packing`` is ``raw``, ``bitpack``, ``entropy`` or ``ctx`` (integer values
 only). The packing and the chunk's codec are the export's recorded per-tensor choice.
 
 Chunks: range-coded streams go, uncompressed, into one ``none`` chunk. With a fixed codec every
@@ -50,7 +50,7 @@ from pgolf.errors import ArtifactError
 from pgolf.quant.codecs import CODEC_IDS, CODEC_NAMES, compress, decompress
 from pgolf.quant.export import TORCH_DTYPES, QTensor
 from pgolf.quant.formats import parse_format
-from pgolf.quant.streams import FLOAT_TAGS, PACKINGS, TAG_OF, pack_ints, tensor_from_bytes, tensor_to_bytes, unpack_ints
+from pgolf.quant.streams import CODED_PACKINGS, FLOAT_TAGS, PACKINGS, TAG_OF, pack_ints, tensor_from_bytes, tensor_to_bytes, unpack_ints
 
 MAGIC = b"PGOLFAR\x00"
 CONTAINER_VERSION = 2
@@ -60,6 +60,7 @@ _MAX_HEADER = 64 << 20
 _MAX_CHUNK = 4 << 30
 _MAX_NUMEL = 1 << 31
 SOLO_MIN_BYTES = 4096
+CTX_MIN_VALUES = 4096  # packing=auto tries the context coder on tensors of at least this many values
 _FOREIGN_MAGICS = {
     b"\x80": "a pickle / torch.save file",
     b"PK": "a torch.save zip file",
@@ -71,7 +72,7 @@ _FOREIGN_MAGICS = {
 @dataclass
 class ChunkPlan:
     """How to store the streams. ``default_codec``: a codec name or ``auto``; ``packing`` of the
-    integer values: ``int8``/``raw`` (one per byte), ``bitpack``, ``entropy`` or ``auto``."""
+    integer values: ``int8``/``raw`` (one per byte), ``bitpack``, ``entropy``, ``ctx`` or ``auto``."""
 
     default_codec: str = "zlib-9"
     packing: str = "raw"
@@ -125,9 +126,11 @@ def _packing_candidates(qt: QTensor, packing: str) -> list[str]:
     if packing == "auto":
         # N < 8 bits: never one value per byte (bit-packed or range-coded); 8 bits: raw bytes are
         # the bit-packed form already
-        return ["bitpack", "entropy"] if parse_format(qt.fmt).bits < 8 else ["raw", "entropy"]
+        # the context coder only for tensors large enough for its adaptive statistics to pay
+        coded = ["entropy", "ctx"] if qt.values.numel() >= CTX_MIN_VALUES else ["entropy"]
+        return (["bitpack"] if parse_format(qt.fmt).bits < 8 else ["raw"]) + coded
     if packing not in PACKINGS:
-        raise ArtifactError(f"unknown packing {packing!r}; known: int8, bitpack, entropy, auto")
+        raise ArtifactError(f"unknown packing {packing!r}; known: int8, bitpack, entropy, ctx, auto")
     return [packing]
 
 
@@ -182,7 +185,16 @@ def _tensor_streams(qt: QTensor, plan: ChunkPlan, codecs: list[str]) -> list[_Pe
     fmt = parse_format(qt.fmt)
     candidates = {p: pack_ints(qt.values, fmt, p) for p in _packing_candidates(qt, plan.packing)}
     trial = codecs if len(candidates) > 1 or len(codecs) > 1 else []
-    return [_Pending("v", "i8", candidates, trial), raw_stream("s", qt.scale)]
+    out = [_Pending("v", "i8", candidates, trial), raw_stream("s", qt.scale)]
+    if qt.lqer is not None:  # LQER factors: bit-packed integers + fp16 scales (small: the shared chunk)
+        fa, fb = qt.lqer.formats
+
+        def factor(key: str, q: torch.Tensor, ffmt) -> _Pending:
+            data = pack_ints(q, ffmt, "bitpack")
+            return _Pending(key, "i8", {"bitpack": data}, codecs if len(codecs) > 1 and len(data) >= SOLO_MIN_BYTES else [])
+
+        out += [factor("la", qt.lqer.qa, fa), raw_stream("las", qt.lqer.sa), factor("lb", qt.lqer.qb, fb), raw_stream("lbs", qt.lqer.sb)]
+    return out
 
 
 def _decide(pending: list[_Pending], codecs: list[str], progress: bool) -> None:
@@ -190,7 +202,7 @@ def _decide(pending: list[_Pending], codecs: list[str], progress: bool) -> None:
     tasks, owners = [], []
     for p in pending:
         for packing, data in p.candidates.items():
-            for codec in (["none"] if packing == "entropy" else p.trial_codecs):
+            for codec in (["none"] if packing in CODED_PACKINGS else p.trial_codecs):
                 tasks.append((codec, data))
                 owners.append((p, packing, codec))
     best: dict[int, tuple[int, str, str]] = {}
@@ -202,7 +214,7 @@ def _decide(pending: list[_Pending], codecs: list[str], progress: bool) -> None:
             _, p.packing, p.codec = best[id(p)]
         else:  # a single candidate and nothing to try
             p.packing = next(iter(p.candidates))
-            p.codec = "none" if p.packing == "entropy" else codecs[0]
+            p.codec = "none" if p.packing in CODED_PACKINGS else codecs[0]
         p.candidates = {p.packing: p.candidates[p.packing]}  # free the losers
 
 
@@ -254,6 +266,7 @@ def encode_artifact(qtensors: list[QTensor], meta: dict, plan: ChunkPlan | None 
         compressed.append(z)
     tensors = [
         [qt.name, list(qt.shape), qt.dtype, qt.fmt, [[p.key, chunk_of[p.group], offset_of[id(p)], len(p.data), p.enc, p.packing] for p in streams]]
+        + ([qt.lqer.descriptor()] if qt.lqer is not None else [])
         for qt, streams in zip(qtensors, per_tensor)
     ]
     header_raw = json.dumps({"meta": meta, "chunks": chunk_specs, "tensors": tensors}, separators=(",", ":")).encode("utf-8")
@@ -365,8 +378,15 @@ def _decode(blob: bytes, keep_payload: bool) -> ArtifactContents:
     return ArtifactContents(header["meta"], qtensors, infos, len(blob), header_bytes, codec_names[hdr_codec_id], chunk_specs)
 
 
+_LQER_KEYS = ("la", "las", "lb", "lbs")
+
+
 def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], keep_payload: bool) -> tuple[QTensor, TensorInfo]:
-    name, shape, dtype, fmt, streams = _list(spec, "tensor entry", 5)
+    spec = _list(spec, "tensor entry")
+    if len(spec) not in (5, 6):
+        raise _Reject("tensor entry: expected a list of 5 or 6 items")
+    name, shape, dtype, fmt, streams = spec[:5]
+    lqer_desc = spec[5] if len(spec) == 6 else None
     name = _str(name, "tensor name")
     where = f"tensor {name!r}"
     shape = tuple(_int(d, f"{where} shape", 0, _MAX_NUMEL) for d in _list(shape, f"{where} shape"))
@@ -391,11 +411,20 @@ def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], k
         want_tag = TAG_OF[parsed.float_dtype]
     else:
         want_tag = "i8"
+    lqer = None
+    if lqer_desc is not None:
+        if not is_int or len(shape) != 2:
+            raise _Reject(f"{where}: an LQER correction needs a 2-D integer tensor")
+        mode, rank, param = _list(lqer_desc, f"{where} LQER descriptor", 3)
+        if mode not in ("asym", "sym"):
+            raise _Reject(f"{where}: unknown LQER mode {mode!r}")
+        lqer = (mode, _int(rank, f"{where} LQER rank", 1, min(shape)), _int(param, f"{where} LQER parameter", 1, 1 << 20))
+    allowed = ("v", "s") + (_LQER_KEYS if lqer else ())
     found: dict[str, torch.Tensor] = {}
     infos: dict[str, StreamInfo] = {}
     for s in _list(streams, f"{where} streams"):
         key, chunk, offset, nbytes, enc, packing = _list(s, f"{where} stream", 6)
-        if key not in ("v", "s") or key in found or (key == "s" and not is_int):
+        if key not in allowed or key in found or (key == "s" and not is_int):
             raise _Reject(f"{where}: unexpected stream {key!r}")
         if not chunks:
             raise _Reject(f"{where}: stream {key!r} but the file has no chunks")
@@ -404,10 +433,28 @@ def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], k
         if offset + nbytes > len(chunks[chunk]):
             raise _Reject(f"{where}: stream {key!r} points outside its chunk")
         data = chunks[chunk][offset : offset + nbytes]
-        if packing not in PACKINGS or (packing != "raw" and (key != "v" or not is_int)):
+        int_key = key in ("v", "la", "lb")
+        if packing not in PACKINGS or (packing != "raw" and (not int_key or not is_int)) or (key in ("la", "lb") and packing != "bitpack"):
             raise _Reject(f"{where}: packing {packing!r} is not allowed for stream {key!r} of format {fmt}")
         try:
-            if key == "s":
+            if key in ("la", "lb"):
+                if enc != "i8":
+                    raise ValueError(f"LQER factors must have encoding i8, got {enc!r}")
+                from pgolf.quant.lqer import ASYM_A, ASYM_B, sym_format
+
+                mode, rank, param = lqer
+                if mode == "sym" and not 2 <= param <= 8:
+                    raise ValueError(f"LQER: sym factor bits {param} outside 2..8")
+                ffmt = (ASYM_A if key == "la" else ASYM_B) if mode == "asym" else sym_format(param)
+                r_, c_ = (shape[0], rank) if key == "la" else (rank, cols)
+                t = unpack_ints(data, "bitpack", ffmt, r_, c_)
+            elif key in ("las", "lbs"):
+                if enc != "f16":
+                    raise ValueError(f"LQER scales must have encoding f16, got {enc!r}")
+                if nbytes % 2:
+                    raise ValueError(f"{nbytes} bytes is not a whole number of f16 scales")
+                t = tensor_from_bytes(enc, data, nbytes // 2)
+            elif key == "s":
                 if enc not in FLOAT_TAGS:
                     raise ValueError(f"scale encoding {enc!r} is not a float encoding")
                 t = tensor_from_bytes(enc, data, rows)
@@ -429,7 +476,19 @@ def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], k
     if "v" not in found or (is_int and "s" not in found):
         raise _Reject(f"{where}: missing {'values' if 'v' not in found else 'scale'} stream")
     values = found["v"] if is_int else found["v"].reshape(shape)
-    qt = QTensor(name, shape, dtype, fmt, values, found.get("s"))
+    lq = None
+    if lqer is not None:
+        from pgolf.quant.lqer import Lqer, check_lqer
+
+        missing = [k for k in _LQER_KEYS if k not in found]
+        if missing:
+            raise _Reject(f"{where}: LQER correction without its {missing[0]!r} stream")
+        lq = Lqer(lqer[0], lqer[1], lqer[2], found["la"], found["las"], found["lb"], found["lbs"])
+        try:
+            check_lqer(lq, rows, cols)
+        except ValueError as exc:
+            raise _Reject(f"{where}: {exc}") from None
+    qt = QTensor(name, shape, dtype, fmt, values, found.get("s"), lq)
     return qt, TensorInfo(name, shape, dtype, fmt, infos)
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from pgolf.errors import ArtifactError
 from pgolf.quant.config import QuantConfig
 from pgolf.quant.formats import FLOAT_FORMATS, dequantize_rows, parse_format, quantize_rows
+from pgolf.quant.lqer import Lqer
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -46,6 +47,7 @@ class QTensor:
     fmt: str
     values: Tensor
     scale: Tensor | None = None
+    lqer: "Lqer | None" = None  # low-rank correction (pgolf.quant.lqer), added at load
 
     @property
     def numel(self) -> int:
@@ -67,6 +69,33 @@ def category(name: str) -> str:
     return "other"
 
 
+def sdclip_group(name: str) -> str:
+    """The group whose k SDClip uses, by name as the records route it: tok_emb (and an untied
+    lm_head) -> embed, ".mlp." -> mlp, ".attn." -> attn, anything else -> other."""
+    if "tok_emb" in name or "lm_head" in name:
+        return "embed"
+    if ".mlp." in name:
+        return "mlp"
+    if ".attn." in name:
+        return "attn"
+    return "other"
+
+
+def sdclip_k(name: str, cfg: QuantConfig) -> float:
+    return float(getattr(cfg, f"sdclip_k_{sdclip_group(name)}"))
+
+
+GATE_SUFFIX = ".attn_gate_w"
+GATE_NUMEL = (32, 8192)  # R6/R7's bounds (the lower one was 1,024 in #1736)
+
+
+def is_quant_gate(name: str, t: Tensor, cfg: QuantConfig) -> bool:
+    """The records' quant-gate rule: a 2-D float ``*.attn_gate_w`` with 32..8192 elements, checked
+    before the control and float-passthrough rules."""
+    return (bool(cfg.gate_format) and name.endswith(GATE_SUFFIX) and t.ndim == 2 and t.is_floating_point()
+            and GATE_NUMEL[0] <= t.numel() <= GATE_NUMEL[1])
+
+
 def choose_format(name: str, t: Tensor, cfg: QuantConfig) -> str:
     for entry in cfg.name_formats:
         pattern, _, fmt = entry.partition("=")
@@ -74,6 +103,8 @@ def choose_format(name: str, t: Tensor, cfg: QuantConfig) -> str:
             return fmt
     if not t.is_floating_point():
         return "raw"
+    if is_quant_gate(name, t, cfg):
+        return cfg.gate_format
     if any(p in name for p in cfg.control_patterns):
         return cfg.control_format
     cat = category(name)
@@ -98,12 +129,13 @@ def quantize_tensor(name: str, t: Tensor, fmt_spec: str, cfg: QuantConfig, hessi
     if not torch.isfinite(t).all():
         raise ArtifactError(f"{name}: the weights contain NaN or inf; refusing to quantise a diverged model")
     kw = dict(clip_quantile=cfg.clip_quantile, scale_floor=cfg.scale_floor, scale_dtype=FLOAT_FORMATS[cfg.scale_dtype])
+    sd_k = sdclip_k(name, cfg) if fmt.clip == "sd" else None
     if hessian is not None and t.ndim == 2:
         from pgolf.quant.gptq import gptq_quantize
 
-        q, scale = gptq_quantize(t, hessian, fmt, cfg)
+        q, scale = gptq_quantize(t, hessian, fmt, cfg, sd_k=sd_k)
     else:
-        q, scale = quantize_rows(t, fmt, **kw)
+        q, scale = quantize_rows(t, fmt, sd_k=sd_k, **kw)
     return QTensor(name, shape, dtype_name(t.dtype), fmt.spec(), q.contiguous(), scale.contiguous())
 
 
@@ -111,7 +143,28 @@ def quantize_state_dict(state_dict: dict[str, Tensor], cfg: QuantConfig, hessian
     """Every tensor in its ``choose_format`` format; ``hessians`` maps weight names to GPTQ
     Hessians (``pgolf.quant.gptq.collect_hessians``)."""
     hessians = hessians or {}
-    return [quantize_tensor(name, t, choose_format(name, t, cfg), cfg, hessians.get(name)) for name, t in state_dict.items()]
+    qtensors = [quantize_tensor(name, t, choose_format(name, t, cfg), cfg, hessians.get(name)) for name, t in state_dict.items()]
+    if cfg.lqer_top_k > 0:
+        add_lqer(qtensors, state_dict, cfg)
+    return qtensors
+
+
+def add_lqer(qtensors: list[QTensor], state_dict: dict[str, Tensor], cfg: QuantConfig) -> list[str]:
+    """Attach LQER corrections (``pgolf.quant.lqer``) to the ``cfg.lqer_top_k`` integer matrices
+    with the largest ||W - W_hat||_F (quant-gates excluded); returns their names."""
+    from pgolf.quant.lqer import lqer_for, select_lqer
+
+    errors = {}
+    for qt in qtensors:
+        t = state_dict[qt.name]
+        if qt.scale is None or len(qt.shape) != 2 or is_quant_gate(qt.name, t, cfg):
+            continue
+        errors[qt.name] = t.detach().float().cpu().reshape(qt.values.shape) - dequantize_rows(qt.values, qt.scale, qt.values.shape, torch.float32)
+    chosen = select_lqer(errors, cfg.lqer_top_k)
+    by_name = {qt.name: qt for qt in qtensors}
+    for name in chosen:
+        by_name[name].lqer = lqer_for(errors[name], cfg.lqer_rank, cfg.lqer_mode, cfg.lqer_group, cfg.lqer_factor_bits)
+    return chosen
 
 
 def dequantize_tensor(qt: QTensor) -> Tensor:
@@ -120,6 +173,9 @@ def dequantize_tensor(qt: QTensor) -> Tensor:
         return qt.values.reshape(qt.shape).to(dtype)
     if qt.scale is None:
         return qt.values.reshape(qt.shape).to(dtype)
+    if qt.lqer is not None:
+        w = dequantize_rows(qt.values, qt.scale, qt.values.shape, torch.float32) + qt.lqer.correction()
+        return w.reshape(qt.shape).to(dtype)
     return dequantize_rows(qt.values, qt.scale, qt.shape, dtype)
 
 

@@ -7,7 +7,12 @@ A format string is ``fp32`` / ``fp16`` / ``bf16`` (float passthrough) or
 * clip ``q``: the row's 0.9999984 quantile of |w| (the submissions' "percentile" clip, computed
   bit for bit as their ``torch.quantile``; with <= 1536 entries per row this is essentially the row
   max); ``max``: the row max; ``search``: per row, the candidate clip (a ladder of quantiles) with
-  the smallest squared error.
+  the smallest squared error; ``sd``: SDClip (R4+), k times the row's standard deviation (unbiased,
+  of the unquantised row), with k given by the caller (``quant.sdclip_k_*`` by tensor group) and
+  the records' floor 1e-10 on the scale (``scale_floor`` does not apply), so that
+  s = max(k * std / qmax, 1e-10).
+* floor option ``nofloor``: the scale floor is 1e-10 / qmax (the records' quant-gate rule
+  s = max(max|w_row|, 1e-10) / 127) instead of ``scale_floor``.
 * grid ``sym``: q in [-(2^(N-1)-1), 2^(N-1)-1]; ``full``: q in [-2^(N-1), 2^(N-1)-1].
 * scale s = max(clip / qmax, floor) in fp32, stored rounded to the scale dtype (fp16 by default).
 * rounding: which scale the values are divided by, q = clamp(round(clamp(w, +-clip) / s'), qmin,
@@ -31,7 +36,9 @@ import torch
 from torch import Tensor
 
 FLOAT_FORMATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CLIP_RULES = ("q", "max", "search")
+CLIP_RULES = ("q", "max", "search", "sd")
+FLOOR_OPTIONS = ("nofloor",)
+SD_FLOOR = 1e-10  # SDClip's scale floor (the records' max(k * std / c, 1e-10))
 GRIDS = ("sym", "full")
 ROUNDINGS = ("stored", "fp32div")  # divide by the stored scale | by the fp32 scale (the scripts' rule)
 # Candidate clip quantiles for the per-row search ("GPTQ-lite" as the record described it).
@@ -46,6 +53,7 @@ class Format:
     clip: str = "q"
     grid: str = "sym"
     rounding: str = "stored"
+    nofloor: bool = False
 
     @property
     def qmax(self) -> int:
@@ -59,7 +67,8 @@ class Format:
         if self.kind == "float":
             return next(k for k, v in FLOAT_FORMATS.items() if v == self.float_dtype)
         base = f"int{self.bits}:{self.clip}:{self.grid}"
-        return base if self.rounding == "stored" else f"{base}:{self.rounding}"
+        base = base if self.rounding == "stored" else f"{base}:{self.rounding}"
+        return f"{base}:nofloor" if self.nofloor else base
 
 
 def parse_format(spec: str) -> Format:
@@ -69,13 +78,13 @@ def parse_format(spec: str) -> Format:
         return Format("float", float_dtype=FLOAT_FORMATS[spec])
     parts = spec.split(":")
     head = parts[0]
-    grammar = "expected fp32, fp16, bf16 or int<N>[:q|max|search][:sym|full][:stored|fp32div] with N in 2..8"
+    grammar = "expected fp32, fp16, bf16 or int<N>[:q|max|search|sd][:sym|full][:stored|fp32div][:nofloor] with N in 2..8"
     if not head.startswith("int") or not head[3:].isdigit():
         raise ValueError(f"unknown format {spec!r}: {grammar}")
     bits = int(head[3:])
     if not 2 <= bits <= 8:
         raise ValueError(f"format {spec!r}: N must be in 2..8 ({grammar})")
-    clip, grid, rounding = "q", "sym", "stored"
+    clip, grid, rounding, nofloor = "q", "sym", "stored", False
     for part in parts[1:]:
         if part in CLIP_RULES:
             clip = part
@@ -83,9 +92,11 @@ def parse_format(spec: str) -> Format:
             grid = part
         elif part in ROUNDINGS:
             rounding = part
+        elif part in FLOOR_OPTIONS:
+            nofloor = True
         else:
             raise ValueError(f"format {spec!r}: unknown option {part!r} ({grammar})")
-    return Format("int", bits=bits, clip=clip, grid=grid, rounding=rounding)
+    return Format("int", bits=bits, clip=clip, grid=grid, rounding=rounding, nofloor=nofloor)
 
 
 def quantile_rank(q: float, n: int) -> tuple[int, int, float]:
@@ -117,6 +128,10 @@ def row_quantile(abs_rows: Tensor, q: float) -> Tensor:
 
 
 def _scale_floor(fmt: Format, scale_floor: float) -> float:
+    if fmt.clip == "sd":
+        return SD_FLOOR
+    if fmt.nofloor:
+        return SD_FLOOR / fmt.qmax
     if scale_floor < 0:
         return 1.0 / fmt.qmax
     return max(scale_floor, 1e-12)
@@ -173,13 +188,27 @@ def as_rows(w: Tensor) -> Tensor:
     return w.reshape(w.shape[0], -1) if w.ndim >= 2 else w.reshape(1, -1)
 
 
+def sd_clips(rows: Tensor, k: float, row_gain: Tensor | None = None) -> Tensor:
+    """SDClip's per-row clip: k * std(row) (unbiased; 0 for a one-column row), optionally times a
+    per-row gain (Hessian-aware SDClip)."""
+    std = rows.std(dim=1) if rows.shape[1] > 1 else torch.zeros(rows.shape[0], dtype=rows.dtype)
+    clip = k * std
+    return clip if row_gain is None else clip * row_gain.to(clip)
+
+
 def row_clips(
-    rows: Tensor, fmt: Format, *, clip_quantile: float = 0.9999984, scale_floor: float = -1.0, scale_dtype: torch.dtype = torch.float16
+    rows: Tensor, fmt: Format, *, clip_quantile: float = 0.9999984, scale_floor: float = -1.0, scale_dtype: torch.dtype = torch.float16,
+    sd_k: float | None = None, row_gain: Tensor | None = None,
 ) -> Tensor:
     """The per-row clip [R] of the format's clip rule. ``search`` ("GPTQ-lite" done per row, as
     PR #414's README claimed and its code did not): every candidate quantile is tried and each row
-    keeps the one with the smallest squared round-trip error of *that row*."""
+    keeps the one with the smallest squared round-trip error of *that row*. ``sd`` needs ``sd_k``
+    (and takes an optional ``row_gain``, see ``sd_clips``)."""
     absw = rows.abs()
+    if fmt.clip == "sd":
+        if sd_k is None:
+            raise ValueError(f"format {fmt.spec()}: the sd clip rule needs k (quant.sdclip_k_*)")
+        return sd_clips(rows, sd_k, row_gain)
     if fmt.clip != "search":
         return row_quantile(absw, clip_quantile if fmt.clip == "q" else 1.0)
     best_clip = best_err = None
@@ -203,12 +232,13 @@ def quantize_rows(
     clip_quantile: float = 0.9999984,
     scale_floor: float = -1.0,
     scale_dtype: torch.dtype = torch.float16,
+    sd_k: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Quantise a tensor row-wise (a 1-D tensor is one row). Returns (q int8 with w's row layout
-    [R, C], scale [R])."""
+    [R, C], scale [R]). ``sd_k``: the k of the ``sd`` clip rule."""
     assert fmt.kind == "int"
     rows = as_rows(w)
-    clip = row_clips(rows, fmt, clip_quantile=clip_quantile, scale_floor=scale_floor, scale_dtype=scale_dtype)
+    clip = row_clips(rows, fmt, clip_quantile=clip_quantile, scale_floor=scale_floor, scale_dtype=scale_dtype, sd_k=sd_k)
     return quantize_with_clip(rows, clip, fmt, scale_floor, scale_dtype)
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pgolf.model.layers import CastedLinear
 from pgolf.quant.config import QuantConfig
-from pgolf.quant.export import choose_format
+from pgolf.quant.export import choose_format, sdclip_k
 from pgolf.quant.formats import FLOAT_FORMATS, Format, parse_format, quantize_rows
 
 
@@ -39,10 +39,11 @@ class FakeQuantizer(nn.Module):
     Value: ``on * w_q + (1 - on) * w``, exact for on in {0, 1}; gradient: identity to the master
     weight (straight-through), whatever ``on`` is."""
 
-    def __init__(self, fmt: Format, qcfg: QuantConfig, enabled: bool, master: nn.Parameter | None = None):
+    def __init__(self, fmt: Format, qcfg: QuantConfig, enabled: bool, master: nn.Parameter | None = None, sd_k: float | None = None):
         super().__init__()
         assert fmt.kind == "int"
         self.fmt = fmt
+        self.sd_k = sd_k  # the k of the sd (SDClip) clip rule, by the weight's group
         self.clip_quantile = qcfg.clip_quantile
         self.scale_floor = qcfg.scale_floor
         self.scale_dtype = FLOAT_FORMATS[qcfg.scale_dtype]
@@ -52,7 +53,8 @@ class FakeQuantizer(nn.Module):
     def quantized(self, w: Tensor) -> Tensor:
         """dequantize(quantize(w)) in fp32, as the export computes it."""
         with torch.no_grad():
-            q, scale = quantize_rows(w, self.fmt, clip_quantile=self.clip_quantile, scale_floor=self.scale_floor, scale_dtype=self.scale_dtype)
+            q, scale = quantize_rows(w, self.fmt, clip_quantile=self.clip_quantile, scale_floor=self.scale_floor, scale_dtype=self.scale_dtype,
+                                     sd_k=self.sd_k)
             return (q.float() * scale.float()[:, None]).reshape(w.shape)
 
     def forward(self, w: Tensor) -> Tensor:
@@ -102,7 +104,9 @@ def attach_qat(model: nn.Module, qcfg: QuantConfig) -> QATController | None:
         fmt_spec = choose_format(f"{name}.weight", module.weight, qcfg)
         if fmt_spec == "raw" or not fmt_spec.startswith("int"):
             continue
-        fq = FakeQuantizer(parse_format(fmt_spec), qcfg, enabled=qcfg.qat == "always", master=module.weight)
+        fmt = parse_format(fmt_spec)
+        sd_k = sdclip_k(f"{name}.weight", qcfg) if fmt.clip == "sd" else None
+        fq = FakeQuantizer(fmt, qcfg, enabled=qcfg.qat == "always", master=module.weight, sd_k=sd_k)
         fq.to(module.weight.device)
         module.weight_transform = fq
         quantizers[name] = fq

@@ -8,6 +8,9 @@ Packings:
   per byte, as the submissions stored them.
 * ``bitpack``: integer-format values as N-bit offset binary ``q - qmin`` (``bitpack.py``).
 * ``entropy``: integer-format values range-coded with row/column-group statistics (``entropy.py``).
+* ``ctx``: integer-format values range-coded with adaptive probabilities conditioned on the previous
+  row (optionally in a stored nearest-neighbour row order) and the column's running spread
+  (``ctxcoder.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pgolf.quant.bitpack import pack_bits, packed_nbytes, unpack_bits
 from pgolf.quant.entropy import decode_entropy, encode_entropy
 from pgolf.quant.formats import Format
 
-PACKINGS = ("raw", "bitpack", "entropy")
+PACKINGS = ("raw", "bitpack", "entropy", "ctx")
+CODED_PACKINGS = ("entropy", "ctx")  # range-coded: stored without a byte codec
 
 # Stream encodings: tag -> (torch dtype, numpy dtype of the little-endian bytes).
 ENCODINGS = {
@@ -84,6 +88,10 @@ def pack_ints(q: torch.Tensor, fmt: Format, packing: str) -> bytes:
         return pack_bits(_offsets(q, fmt), fmt.bits)
     if packing == "entropy":
         return encode_entropy(_offsets(q, fmt).reshape(q.shape[0], -1), fmt.bits)
+    if packing == "ctx":
+        from pgolf.quant.ctxcoder import encode_ctx
+
+        return encode_ctx(_offsets(q, fmt).reshape(q.shape[0], -1), fmt.bits)
     raise ValueError(f"unknown packing {packing!r}")
 
 
@@ -100,6 +108,12 @@ def unpack_ints(data: bytes, packing: str, fmt: Format, rows: int, cols: int) ->
         if n == 0:
             raise ValueError("an empty tensor cannot be entropy-coded")
         q = decode_entropy(data, rows, cols, fmt.bits).reshape(-1).astype(np.int16) + fmt.qmin
+    elif packing == "ctx":
+        if n == 0:
+            raise ValueError("an empty tensor cannot be context-coded")
+        from pgolf.quant.ctxcoder import decode_ctx
+
+        q = decode_ctx(data, rows, cols, fmt.bits).reshape(-1).astype(np.int16) + fmt.qmin
     else:
         raise ValueError(f"unknown packing {packing!r}")
     if n and (int(q.min()) < fmt.qmin or int(q.max()) > fmt.qmax):

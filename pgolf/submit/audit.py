@@ -19,7 +19,8 @@ score          val_loss / val_bpb == the mean of the logs' score lines
 full val       every run evaluated the whole validation split (no eval.max_val_tokens prefix; the
                logged count equals the data manifest's, cut to whole windows as the challenge does)
 disjoint       no training document is a validation document (manifest doc hashes)
-causality      the token-flip test of pgolf.eval.causality on the script's own code
+causality      the token-flip test of pgolf.eval.causality on the script's own code (plain,
+               sliding, and the configured TTT: score-first, or phased on BOS-separated documents)
 =============  ===================================================================================
 
 The time limits are defined for 8 x H100 SXM: the rules read the logged numbers, they do not
@@ -301,8 +302,15 @@ V = cfg.model.vocab_size
 lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
 seq, stride = 64, 16
 tokens = torch.randint(2, V, (4 * seq + 1,), generator=torch.Generator().manual_seed(0))
-modes = ["plain"] + (["sliding"] if cfg.eval.sliding_stride else []) + (["ttt"] if cfg.ttt.mode != "off" else [])
+modes = ["plain"] + (["sliding"] if cfg.eval.sliding_stride else []) + {"off": [], "phased": ["phased"]}.get(cfg.ttt.mode, ["ttt"])
 cfg.ttt.chunk_tokens = seq
+if cfg.ttt.mode == "phased":  # documents (BOS every 12-40 tokens), and a protocol scaled to them
+    g, p = torch.Generator().manual_seed(1), 0
+    while p < tokens.numel() - 1:
+        tokens[p] = cfg.model.bos_id
+        p += int(torch.randint(12, 41, (1,), generator=g))
+    for k, v in {"batch_docs": 3, "prefix_docs": 6, "phases": 2, "doc_chunk": 16, "seq_len": 32, "chunk_tokens": 64}.items():
+        setattr(cfg.ttt, k, v)
 out = []
 for mode in modes:
     rep = check_causality(model, tokens, lut, mode=mode, seq_len=seq, stride=stride, positions=int(sys.argv[4]), ttt_cfg=cfg.ttt)

@@ -50,23 +50,36 @@ def seed_dir(out: Path, seed: int) -> Path:
     return Path(out) / f"seed_{seed}"
 
 
-def finished(run_dir: Path, cfg: RunConfig) -> bool:
-    """True if ``run_dir`` holds a finished run of ``cfg``; SeedsError if it holds something else."""
+def run_mode(run_dir: Path, cfg: RunConfig) -> str | None:
+    """How to (re)run one seed's folder: None when it already holds this finished run, ``resume``
+    when it holds this run interrupted with a complete checkpoint, ``overwrite`` when it holds this
+    run interrupted before any checkpoint, ``new`` when it is empty or absent. SeedsError when it
+    holds a run of another configuration (never overwritten)."""
+    from pgolf.train.checkpoint import list_checkpoints
+
     if not run_dir.exists() or not any(run_dir.iterdir()):
-        return False
-    summary, config = run_dir / "summary.json", run_dir / "config.json"
-    if not (summary.is_file() and config.is_file()):
-        raise SeedsError(f"{run_dir} holds an unfinished or foreign run; remove it to run this seed again")
+        return "new"
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise SeedsError(f"{run_dir} holds files that are not a pgolf run; choose another --out or remove it")
     saved = json.loads(config.read_text(encoding="utf-8"))
     diff = config_differences(saved, to_dict(cfg))
     if diff or saved.get("train", {}).get("seed") != cfg.train.seed:
         raise SeedsError(f"{run_dir} holds a run of another configuration ({', '.join(diff) or 'train.seed'}); "
                          "choose another --out or remove it")
-    return True
+    if (run_dir / "summary.json").is_file():
+        return None
+    return "resume" if any(c.complete for c in list_checkpoints(run_dir)) else "overwrite"
+
+
+def finished(run_dir: Path, cfg: RunConfig) -> bool:
+    """True if ``run_dir`` holds a finished run of ``cfg``; SeedsError if it holds something else."""
+    return run_mode(run_dir, cfg) is None
 
 
 def run_seeds(cfg: RunConfig, seeds: list[int], out: str | Path) -> list[Path]:
-    """Train ``cfg`` once per seed, sequentially (each a full run); returns the run folders."""
+    """Train ``cfg`` once per seed, sequentially (each a full run); returns the run folders.
+    Finished seeds are kept, interrupted ones resume from their newest complete checkpoint."""
     from pgolf.train.loop import run_training
 
     dirs = []
@@ -74,11 +87,13 @@ def run_seeds(cfg: RunConfig, seeds: list[int], out: str | Path) -> list[Path]:
         run_cfg = copy.deepcopy(cfg)
         run_cfg.train.seed = seed
         run_dir = seed_dir(Path(out), seed)
-        if finished(run_dir, run_cfg):
+        mode = run_mode(run_dir, run_cfg)
+        if mode is None:
             print(f"seed {seed}: {run_dir} already holds this run; kept", flush=True)
         else:
-            print(f"seed {seed} ({i + 1}/{len(seeds)}): training into {run_dir}", flush=True)
-            run_training(run_cfg, run_dir)
+            verb = {"new": "training", "resume": "resuming", "overwrite": "restarting (no checkpoint)"}[mode]
+            print(f"seed {seed} ({i + 1}/{len(seeds)}): {verb} into {run_dir}", flush=True)
+            run_training(run_cfg, run_dir, mode=mode)
         dirs.append(run_dir)
     return dirs
 

@@ -34,6 +34,11 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch default
     progress: bool = True  # tqdm bar on rank 0
     save_raw: bool = True  # also write the unquantised weights (final_model.raw.pgolf) for re-exports
+    # Checkpoints for --resume: every N optimizer steps (0 = only when SIGINT/SIGTERM or a
+    # non-finite loss stops the run), keeping the newest checkpoint_keep complete ones.
+    checkpoint_every: int = 0
+    checkpoint_keep: int = 2
+    collective_timeout_seconds: float = 600.0  # a rank that dies or hangs ends the others after this
 
     def validate(self) -> None:
         from pgolf.errors import ConfigError
@@ -41,6 +46,10 @@ class TrainConfig:
         for key in ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_base"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
+            raise ConfigError("train.checkpoint_every must be >= 0 (0 = on stop only) and train.checkpoint_keep >= 1")
+        if self.collective_timeout_seconds <= 0:
+            raise ConfigError(f"train.collective_timeout_seconds: must be > 0, got {self.collective_timeout_seconds}")
         if not 0.0 <= self.warmdown_frac <= 1.0:
             raise ConfigError(f"train.warmdown_frac: must be in [0, 1] (0 = use warmdown_iters), got {self.warmdown_frac}")
         if not 0.0 <= self.min_lr <= 1.0:

@@ -35,8 +35,14 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(requested_device: str = "auto") -> DistContext:
-    """Join the torchrun process group if RANK/WORLD_SIZE are set; otherwise run alone."""
+def init_distributed(requested_device: str = "auto", timeout_seconds: float = 600.0) -> DistContext:
+    """Join the torchrun process group if RANK/WORLD_SIZE are set; otherwise run alone.
+
+    ``timeout_seconds`` bounds how long a collective waits for a rank that died or hangs: the
+    survivors then fail with an error instead of waiting forever (torchrun also stops the other
+    workers as soon as one exits with an error)."""
+    from datetime import timedelta
+
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -46,9 +52,9 @@ def init_distributed(requested_device: str = "auto") -> DistContext:
         torch.cuda.set_device(device)
     if distributed and not dist.is_initialized():
         if device.type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=device)
+            dist.init_process_group(backend="nccl", device_id=device, timeout=timedelta(seconds=timeout_seconds))
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
         dist.barrier()
     return DistContext(rank, world, local_rank, device, distributed)
 

@@ -27,11 +27,18 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }
+    from importlib import metadata
+
     for mod in ("numpy", "sentencepiece", "zstandard", "brotli", "constriction"):
+        # The installed distribution's version: some modules (constriction) have no __version__,
+        # which used to be reported as "absent" while the library was installed and in use.
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional library is just "absent" here
-            info[mod] = "absent"
+            info[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
+            try:
+                info[mod] = str(getattr(__import__(mod), "__version__", "installed"))
+            except ImportError:
+                info[mod] = "absent"
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

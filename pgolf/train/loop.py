@@ -24,30 +24,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pgolf.config import RunConfig, to_dict
-from pgolf.data.loader import DistributedTokenLoader
+from pgolf.data.loaders import TrainLoader, build_loader
 from pgolf.data.shards import resolve_shards
 from pgolf.errors import ConfigError, UserError
-from pgolf.eval.bpb import ByteLUT, build_byte_lut
+from pgolf.eval.bpb import ByteCounter, load_byte_counter
 from pgolf.eval.standard import evaluate_standard, load_validation_tokens
 from pgolf.model.gpt import build_model, count_parameters
 from pgolf.optim.groups import build_optimizers, matrix_optimizer, replicated_parameters
 from pgolf.optim.schedule import lr_scale, lr_scale_frac, muon_momentum, muon_wd_multiplier, training_fraction
 from pgolf.quant.codecs import require_export_libraries
 from pgolf.train.averaging import WeightAverager
-from pgolf.train.distributed import DistContext, all_reduce_max_flag, barrier, init_distributed, seed_everything, shutdown_distributed
+from pgolf.train.distributed import DistContext, barrier, init_distributed, seed_everything, shutdown_distributed
 from pgolf.train.logger import RunLogger, environment_info
 from pgolf.train.setup import apply_precision, autocast_dtype, configure_backends, maybe_compile, use_compile
-
-
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create the run folder and prove it is writable before any work starts."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror}); choose another --out") from None
 
 
 def resolve_data(cfg: RunConfig):
@@ -100,15 +89,20 @@ class RunData:
 
     train_files: list[Path]
     val_tokens: torch.Tensor  # int64, a whole number of eval windows + 1
-    lut: ByteLUT
+    lut: ByteCounter  # the byte sidecar where the data has one, else the official LUT rule
     tokenizer_path: Path
+    identity: dict  # what pgolf.data.identity checked: manifest, tokenizer sha256
 
     @staticmethod
     def load(cfg: RunConfig) -> "RunData":
+        from pgolf.data.identity import check_data_identity
+
         train_files, val_files, tok_path, sp = resolve_data(cfg)
+        identity = check_data_identity(cfg.data.path, train_files, val_files, tok_path)
         val_len = max(cfg.train.train_seq_len, cfg.eval_seq_len)
         val_tokens = load_validation_tokens(val_files, val_len, cfg.eval.max_val_tokens)
-        return RunData(train_files, val_tokens, build_byte_lut(sp, cfg.model.vocab_size), tok_path)
+        lut = load_byte_counter(sp, cfg.model.vocab_size, val_files, val_tokens, cfg.data.path)
+        return RunData(train_files, val_tokens, lut, tok_path, identity)
 
 
 class Trainer:
@@ -118,6 +112,7 @@ class Trainer:
         self.device = ctx.device
         self.amp_dtype = autocast_dtype(cfg.train, self.device)
         self.accum = grad_accum_steps(cfg, ctx.world_size)
+        self.gptq_reserve: float | None = None  # set by the GPTQ preflight (pgolf.quant.reserve) before the clock starts
 
     # --------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -147,11 +142,13 @@ class Trainer:
         self.muon = matrix_optimizer(self.optimizers)
         self.replicated = replicated_parameters(self.optimizers)
 
-    def make_loader(self) -> DistributedTokenLoader:
-        return DistributedTokenLoader(self.train_files, self.ctx.rank, self.ctx.world_size, self.device, self.cfg.data.val_glob)
+    def make_loader(self) -> TrainLoader:
+        m = self.cfg.model
+        return build_loader(self.cfg.data, self.train_files, self.ctx.rank, self.ctx.world_size, self.device,
+                            doc_window=m.doc_attention_window, bos_id=m.bos_id, rope_scaling=m.rope_scaling)
 
     # --------------------------------------------------------------------------------------------
-    def train_step(self, loader: DistributedTokenLoader) -> torch.Tensor:
+    def train_step(self, loader: TrainLoader) -> torch.Tensor:
         """Forward/backward over the micro-batches of one step; returns the mean loss (tensor)."""
         cfg = self.cfg
         total = torch.zeros((), device=self.device)
@@ -184,12 +181,16 @@ class Trainer:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
-        if o.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.base_model.parameters(), o.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+
+    def clip_gradients(self) -> torch.Tensor | None:
+        """Global grad-norm clip (when on); returns the pre-clip norm for the non-finite check."""
+        if self.cfg.optim.grad_clip_norm <= 0:
+            return None
+        return torch.nn.utils.clip_grad_norm_(self.base_model.parameters(), self.cfg.optim.grad_clip_norm)
 
     def compile_warmup(self) -> float:
         """Prime the compiled graphs on real batches, then restore model, optimizers and loader."""
@@ -260,27 +261,127 @@ class Trainer:
         t, q = self.cfg.train, self.cfg.quant
         if t.max_wallclock_seconds <= 0:
             return None
-        reserve = q.gptq_reserve_seconds if q.gptq == "full" else 0.0
+        reserve = (self.gptq_reserve if self.gptq_reserve is not None else max(q.gptq_reserve_seconds, 0.0)) if q.gptq == "full" else 0.0
         return 1000.0 * max(t.max_wallclock_seconds - reserve, 0.0)
 
-    def loop(self) -> dict:
+    # --------------------------------------------------------------------------------------------
+    # checkpoints (see pgolf.train.checkpoint): every rank saves its own optimizer state
+
+    def checkpoint_state(self, loader, progress: dict) -> dict:
+        import random
+
+        import numpy as np
+
+        np_state = np.random.get_state()
+        avg = self.averager
+        return {
+            "model": self.base_model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "ema": avg.ema.shadow if avg.ema is not None else None,
+            "swa": {"sum": avg.swa.sum, "count": avg.swa.count} if avg.swa is not None else None,
+            "swa_start_step": avg.swa_start_step,
+            "qat_active": self.qat.active if self.qat is not None else None,
+            "looping_active": self.base_model.looping_active,
+            "loops_pending": self.loops_pending,
+            "loader": loader.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                "python": random.getstate(),
+            },
+            "progress": progress,
+        }
+
+    def restore(self, state: dict, loader) -> dict:
+        import random
+
+        import numpy as np
+
+        self.base_model.load_state_dict(state["model"], strict=True)
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        avg = self.averager
+        if avg.ema is not None:
+            for k, v in state["ema"].items():
+                avg.ema.shadow[k].copy_(v)
+        if avg.swa is not None:
+            avg.swa.sum = {k: v.clone() for k, v in state["swa"]["sum"].items()}
+            avg.swa.count = int(state["swa"]["count"])
+        avg.swa_start_step = state["swa_start_step"]
+        if self.qat is not None:
+            self.qat.set_active(bool(state["qat_active"]))
+        self.loops_pending = bool(state["loops_pending"])
+        self.base_model.set_looping(bool(state["looping_active"]))
+        loader.load_state_dict(state["loader"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        n = rng["numpy"]
+        np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+        py = rng["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        return state["progress"]
+
+    def save_checkpoint(self, loader, progress: dict, reason: str) -> None:
+        from pgolf.train.checkpoint import mark_complete, step_dir, write_rank_file
+
+        from pgolf.train.checkpoint import CheckpointError
+
+        t0 = time.perf_counter()
+        step = int(progress["step"])
+        try:
+            write_rank_file(self.run_dir, step, self.ctx.rank, self.checkpoint_state(loader, progress))
+        except OSError as exc:
+            # write_bytes_atomic wrote to a temp name: the previous checkpoints are untouched
+            raise CheckpointError(f"{step_dir(self.run_dir, step)}: cannot write the checkpoint ({exc.strerror or exc}); "
+                                  "the previous complete checkpoint is intact: free space, then resume") from None
+        barrier()
+        if self.ctx.is_main:
+            mark_complete(self.run_dir, step, self.ctx.world_size, self.config_hash, keep=self.cfg.train.checkpoint_keep)
+        barrier()
+        self.logger.log(f"checkpoint:saved step:{step} reason:{reason} path:{step_dir(self.run_dir, step)} "
+                        f"seconds:{time.perf_counter() - t0:.1f}")
+        self.logger.metric("checkpoint", step=step, reason=reason)
+
+    # --------------------------------------------------------------------------------------------
+    def stop_flags(self, reached: bool, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> tuple[bool, bool, bool]:
+        """(cap reached, stop requested by a signal, non-finite loss or gradient norm), agreed by
+        every rank in one collective: ranks that disagreed on stopping would hang."""
+        finite = bool(torch.isfinite(loss).item()) and (grad_norm is None or bool(torch.isfinite(grad_norm).item()))
+        flags = torch.tensor([int(reached), int(self.signals.received is not None), int(not finite)], device=self.device)
+        if self.ctx.distributed:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        r, s, n = (bool(v) for v in flags.tolist())
+        return r, s, n
+
+    def loop(self, resume_state: dict | None = None) -> dict:
         cfg, t = self.cfg, self.cfg.train
         cap_ms = self.wallclock_cap_ms()
         loader = self.make_loader()
         self.averager = WeightAverager(cfg.avg, self.base_model)
+        progress = {"step": 0, "train_ms": 0.0, "stop_after": None, "last_loss": float("nan")}
+        if resume_state is not None:
+            progress = self.restore(resume_state, loader)
+            self.logger.log(f"status:resumed step:{progress['step']} train_time:{progress['train_ms']:.0f}ms "
+                            f"(log lines of later steps above this one come from the interrupted attempt)")
+            self.logger.metric("status", status="resumed", step=progress["step"])
         if self.qat is not None and self.qat.active:
             self.logger.log(f"qat:always_on linears:{len(self.qat.quantizers)}")
         bar = _train_bar(t, self.ctx.is_main)
-        train_ms = 0.0
-        stop_after: int | None = None
-        step = 0
-        last_loss = float("nan")
+        train_ms = float(progress["train_ms"])
+        stop_after: int | None = progress["stop_after"]
+        step = int(progress["step"])
+        last_loss = float(progress["last_loss"])
+        resumed_at = step if resume_state is not None else None
+        self.progress = progress
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         while True:
             last = step == t.iterations or (stop_after is not None and step >= stop_after)
-            if last or (t.val_loss_every > 0 and step % t.val_loss_every == 0):
+            if last or (t.val_loss_every > 0 and step % t.val_loss_every == 0 and step != resumed_at):
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 train_ms += 1000.0 * (time.perf_counter() - t0)
@@ -304,13 +405,32 @@ class Trainer:
                 msg = self.qat.update(scale, step)
                 if msg:
                     self.logger.log(msg)
+            self.step_ref["step"] = step
             loss = self.train_step(loader)
+            grad_norm = self.clip_gradients()
+            approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            reached, stop_requested, non_finite = self.stop_flags(cap_ms is not None and approx_ms >= cap_ms, loss, grad_norm)
+            if non_finite or stop_requested:
+                # The step is not taken: the saved state is the last good one, and a resumed run
+                # recomputes this step from it exactly.
+                for opt in self.optimizers:
+                    opt.zero_grad(set_to_none=True)
+                train_ms += 1000.0 * (time.perf_counter() - t0)
+                state = {"step": step, "train_ms": train_ms, "stop_after": stop_after, "last_loss": last_loss}
+                self.save_checkpoint(loader, state, "non_finite" if non_finite else "signal")
+                if bar is not None:
+                    bar.close()
+                if non_finite:
+                    raise TrainingDivergedError(
+                        f"training diverged at step {step + 1}: the loss or gradient norm is not finite "
+                        f"(loss {loss.item():.4g}); the last good state is checkpointed at step {step}. "
+                        "Lower the learning rates or enable optim.grad_clip_norm, then resume or restart")
+                raise RunInterrupted(step, self.signals.received)
             self.optimizer_step(step, scale, frac)
             step += 1
             msg = self.averager.after_step(self.base_model, step, scale)
             if msg:
                 self.logger.log(msg)
-            approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
             log_now = t.train_log_every > 0 and (step <= 10 or step % t.train_log_every == 0 or stop_after is not None)
             if log_now and self.ctx.distributed:
                 # Logged losses are the mean over all ranks' micro-batches (the whole global batch),
@@ -319,8 +439,6 @@ class Trainer:
                 loss = loss / self.ctx.world_size
             if log_now or bar is not None:
                 last_loss = loss.item()
-                if not math.isfinite(last_loss):
-                    raise RuntimeError(f"training diverged: loss is {last_loss} at step {step}")
             if log_now:
                 self.logger.log(
                     f"step:{step}/{t.iterations} train_loss:{last_loss:.4f} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms"
@@ -328,9 +446,14 @@ class Trainer:
                 self.logger.metric("train", step=step, train_loss=last_loss, lr_scale=scale, train_time_ms=approx_ms, tokens=step * t.train_batch_tokens)
             if bar is not None:
                 _advance_bar(bar, t, step, approx_ms, last_loss)
-            reached = cap_ms is not None and approx_ms >= cap_ms
-            if all_reduce_max_flag(reached, self.device) and stop_after is None:
+            if reached and stop_after is None:
                 stop_after = step
+            if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.iterations:
+                train_ms += 1000.0 * (time.perf_counter() - t0)  # saving does not count as training time
+                self.save_checkpoint(loader, {"step": step, "train_ms": train_ms, "stop_after": stop_after, "last_loss": last_loss}, "periodic")
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
         if bar is not None:
             bar.close()
         if self.loops_pending:
@@ -339,6 +462,18 @@ class Trainer:
         self.base_model.set_looping(self.cfg.model.num_loops > 0)
         self.loops_pending = False
         return {"steps": step, "train_seconds": train_ms / 1000.0, "final_train_loss": last_loss}
+
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM stopped the run at a step boundary after a checkpoint (not a user error)."""
+
+    def __init__(self, step: int, signum: int | None = None):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.signum = step, signum
+
+
+class TrainingDivergedError(UserError):
+    """A non-finite loss or gradient norm; the last good state was checkpointed."""
 
 
 def _train_bar(t, enabled: bool):
@@ -363,19 +498,35 @@ def _advance_bar(bar, t, step: int, approx_ms: float, loss: float) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None = None, predict_size: bool = True) -> dict:
+def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None = None, predict_size: bool = True,
+                 mode: str = "new") -> dict:
     """Train, export and evaluate one run into ``run_dir``; returns the summary dict.
 
     Works the same in one process and under torchrun (every rank calls it). ``code_bytes``: the
     submitted script's size (a bundled train_gpt.py passes its own); ``predict_size``: log the
-    predicted artifact size at start (a bundle printed it when it was generated)."""
+    predicted artifact size at start (a bundle printed it when it was generated). ``mode``:
+    ``new`` (refuses an existing run folder), ``overwrite`` (replaces it as a whole) or ``resume``
+    (continues it from its newest complete checkpoint). Every pre-flight check runs before the
+    folder is touched."""
+    from pgolf.train.checkpoint import config_hash, decode_state, latest_complete
+    from pgolf.train.rundir import check_run_dir, prepare_run_dir
+
     run_dir = Path(run_dir)
-    ctx = init_distributed(cfg.train.device)
+    ctx = init_distributed(cfg.train.device, cfg.train.collective_timeout_seconds)
     try:
+        check_run_dir(run_dir, mode)
+        require_export_libraries(cfg.quant)  # a missing compressor fails now, not after training
+        data = RunData.load(cfg)
+        resume_state = None
+        if mode == "resume":
+            ckpt = latest_complete(run_dir, config_hash=config_hash(to_dict(cfg)), world_size=ctx.world_size)
+            resume_state = decode_state(ckpt.path / f"rank{ctx.rank}.pgolf")
+        gptq = _gptq_preflight(cfg, ctx)  # (reserve, measured Hessian seconds); refuses a reserve too short for it
+        barrier()  # every rank passed its checks before rank 0 writes anything
         if ctx.is_main:
-            prepare_run_dir(run_dir)
+            prepare_run_dir(run_dir, "resume" if mode == "resume" else mode)
         barrier()
-        summary = _run(cfg, run_dir, ctx, code_bytes, predict_size)
+        summary = _run(cfg, run_dir, ctx, data, resume_state, code_bytes, predict_size, gptq)
         # every rank reaches here before any tears the group down: a gloo rank that destroys its
         # group while its peer still holds pending traffic aborts at exit (SIGABRT, seen ~1 in 6)
         barrier()
@@ -385,27 +536,67 @@ def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None 
             shutdown_distributed()
 
 
-def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None, predict_size: bool) -> dict:
+def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, data: RunData, resume_state: dict | None,
+         code_bytes: int | None, predict_size: bool, gptq: tuple[float, float] | None = None) -> dict:
+    """One run with its outcome recorded: the log and metrics end with a ``status`` event
+    (finished, interrupted with a checkpoint, diverged, or failed), whatever happens."""
+    from pgolf.train.rundir import StopSignals
+
+    logger = RunLogger(run_dir, enabled=ctx.is_main)
+    config_dict = to_dict(cfg)
+    if ctx.is_main and resume_state is None:
+        _write_json(run_dir / "config.json", config_dict)
+    logger.header(config_dict, environment_info(ctx.device))
+    step_ref: dict = {}
+    try:
+        with StopSignals() as signals:
+            summary = _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, predict_size, logger, signals, step_ref, gptq)
+        logger.log("status:finished")
+        logger.metric("status", status="finished", step=summary["steps"])
+    except RunInterrupted as exc:
+        logger.log(f"status:interrupted step:{exc.step} resumable:true (pgolf train --resume {run_dir})")
+        logger.metric("status", status="interrupted", step=exc.step, resumable=True)
+        raise
+    except TrainingDivergedError as exc:
+        logger.log(f"status:diverged {exc}")
+        logger.metric("status", status="diverged", step=step_ref.get("step"), resumable=True)
+        raise
+    except BaseException as exc:
+        has_ckpt = (run_dir / "checkpoints").is_dir()
+        logger.log(f"status:failed step:{step_ref.get('step')} error:{type(exc).__name__}: {str(exc)[:300]} resumable:{str(has_ckpt).lower()}")
+        logger.metric("status", status="failed", step=step_ref.get("step"), error=type(exc).__name__, resumable=has_ckpt)
+        raise
+    finally:
+        logger.close()
+    if "budget_report" in step_ref:
+        from pgolf.submit.artifact import check_budget
+
+        check_budget(step_ref["budget_report"])  # an over-budget artifact is an error, after the run is recorded
+    return summary
+
+
+def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, predict_size, logger, signals, step_ref, gptq=None) -> dict:
     from pgolf.eval.suite import final_evaluations
-    from pgolf.submit.artifact import ARTIFACT_NAME, build_artifact, check_budget, load_artifact_model, package_code_bytes
+    from pgolf.submit.artifact import ARTIFACT_NAME, build_artifact, load_artifact_model, package_code_bytes
+    from pgolf.train.checkpoint import config_hash
 
     wall0 = time.perf_counter()
     configure_backends(ctx.device, cfg.train.threads)
-    logger = RunLogger(run_dir, enabled=ctx.is_main)
-    config_dict = to_dict(cfg)
-    if ctx.is_main:
-        _write_json(run_dir / "config.json", config_dict)
-    logger.header(config_dict, environment_info(ctx.device))
     # Code bytes: the bundled script's own size when it runs, else an upper bound of it (rank 0).
     code = code_bytes if code_bytes is not None else (package_code_bytes(cfg) if ctx.is_main else 0)
-    require_export_libraries(cfg.quant)  # a missing compressor fails now, not after training
-    if predict_size:
+    if predict_size and resume_state is None:
         from pgolf.quant.predict import preflight  # warns if the artifact will not fit
 
         preflight(cfg, code, logger.log)
-    data = RunData.load(cfg)
     trainer = Trainer(cfg, ctx, logger, data)
-    logger.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={data.tokenizer_path}")
+    trainer.run_dir, trainer.config_hash, trainer.signals, trainer.step_ref = run_dir, config_hash(to_dict(cfg)), signals, step_ref
+    logger.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={data.tokenizer_path} "
+               f"tokenizer_sha256:{data.identity['tokenizer_sha256'][:16]}")
+    if data.identity["manifest"]:
+        logger.log(f"data_identity:ok manifest:{data.identity['manifest']} shards:{data.identity['shards_checked']}")
+    else:
+        logger.log(f"data_identity:no_manifest (no manifest.json in {cfg.data.path}: {data.identity['shards_checked']} "
+                   "shard headers checked, tokenizer not verified against the shards)")
     logger.log(f"train_loader:dataset:{Path(cfg.data.path).resolve().name} train_shards:{len(data.train_files)}")
     logger.log(f"val_loader:shards pattern={Path(cfg.data.path) / cfg.data.val_glob} tokens:{data.val_tokens.numel() - 1}")
     trainer.build()
@@ -432,13 +623,16 @@ def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None
         logger.log("grad_clip:sharded_muon the global norm uses each rank's own (not yet averaged) matrix gradients")
     if cfg.model.num_loops:
         logger.log(f"layer_loop:configured virtual_layers:{cfg.model.virtual_layers(True)} enable_at:{cfg.model.loop_enable_at}")
-    if cfg.quant.gptq == "full" and t.max_wallclock_seconds > 0:
-        logger.log(f"gptq_reserve_seconds:{cfg.quant.gptq_reserve_seconds} (training stops that much before the cap)")
+    gptq_measured = None
+    if gptq is not None:  # the reserve passed the preflight of run_training (measured before the folder was touched)
+        trainer.gptq_reserve, gptq_measured = gptq
+        logger.log(f"gptq_reserve_seconds:{trainer.gptq_reserve:g} measured_collection:{gptq_measured:.2f}s "
+                   f"(training stops that much before the cap{'; auto = measured + 20%' if cfg.quant.gptq_reserve_seconds < 0 else ''})")
     logger.log(f"seed:{t.seed}")
     warmup_s = trainer.compile_warmup()
     if warmup_s:
         logger.log(f"compile_warmup_seconds:{warmup_s:.1f}")
-    stats = trainer.loop()
+    stats = trainer.loop(resume_state)
     tokens_seen = stats["steps"] * t.train_batch_tokens
     if ctx.device.type == "cuda":
         logger.log(
@@ -459,7 +653,7 @@ def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None
     artifact_path = run_dir / ARTIFACT_NAME
     label = quant_label(cfg)
     report = None
-    gptq_seconds = 0.0
+    gptq_seconds, gptq_reserve = 0.0, {}
     if ctx.is_main:
         if cfg.train.save_raw:
             _save_raw(trainer.base_model, cfg, run_dir)
@@ -470,13 +664,19 @@ def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None
             from pgolf.quant.gptq import collect_hessians
 
             t_gptq = time.perf_counter()
-            source = calibration_source(cfg, trainer.base_model, trainer.amp_dtype)
+            source = calibration_source(cfg, trainer.base_model, trainer.amp_dtype, rank=ctx.rank, world_size=ctx.world_size)
             hessians = collect_hessians(trainer.base_model, source, cfg.quant, amp_dtype=trainer.amp_dtype, progress=cfg.train.progress)
             gptq_seconds = time.perf_counter() - t_gptq
             logger.log(f"gptq_seconds:{gptq_seconds:.1f} layers:{len(hessians)} calibration:{source.describe()} "
                        f"train_time_with_gptq:{stats['train_seconds'] + gptq_seconds:.1f}s")
+            if trainer.gptq_reserve is not None:
+                from pgolf.quant.reserve import gptq_reserve_report
+
+                gptq_reserve = gptq_reserve_report(trainer.gptq_reserve, gptq_seconds)
+                logger.log(f"gptq_reserve:{trainer.gptq_reserve:g}s measured_at_start:{gptq_measured:.2f}s collection:{gptq_seconds:.2f}s "
+                           f"within_reserve:{str(gptq_reserve['gptq_within_reserve']).lower()}")
         report, qtensors = build_artifact(export_state, cfg.model, cfg.quant, artifact_path, code_bytes=code,
-                                          meta_extra=_artifact_extra(cfg), hessians=hessians, progress=cfg.train.progress)
+                                          meta_extra=_artifact_extra(cfg, data), hessians=hessians, progress=cfg.train.progress)
         logger.log(
             f"Serialized model {label}: {report.model_bytes} bytes (payload:{report.payload_bytes} codec:{report.codec} "
             f"packing:{report.packing} choices:{report.choices})"
@@ -525,13 +725,41 @@ def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, code_bytes: int | None
             artifact=ARTIFACT_NAME,
             quant_label=label,
             gptq_seconds=gptq_seconds,
+            **{k: v for k, v in gptq_reserve.items() if k != "gptq_seconds"},
         )
         _write_json(run_dir / "summary.json", summary)
         logger.metric("summary", **{k: v for k, v in summary.items() if not isinstance(v, dict)})
-    logger.close()
     if report is not None:
-        check_budget(report)
+        step_ref["budget_report"] = report  # checked after the run is recorded as finished
     return summary
+
+
+def _gptq_preflight(cfg: RunConfig, ctx: DistContext) -> tuple[float, float] | None:
+    """With GPTQ and a wallclock cap: time one Hessian collection (pgolf.quant.reserve) on a
+    throw-away model of the run's shape on this device, the slowest rank's time on every rank, and
+    refuse a reserve shorter than it (GPTQReserveError) before anything is written; -1 (auto)
+    becomes the measured time + 20%. None when there is nothing to reserve."""
+    if cfg.quant.gptq != "full" or cfg.train.max_wallclock_seconds <= 0:
+        return None
+    import torch.distributed as dist
+
+    from pgolf.quant.reserve import gptq_preflight
+
+    def reduce_max(x: float) -> float:
+        t = torch.tensor(float(x), dtype=torch.float64, device=ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    configure_backends(ctx.device, cfg.train.threads)
+    model = build_model(cfg.model, ctx.device)
+    apply_precision(model, cfg.train, ctx.device)
+    try:
+        return gptq_preflight(model, cfg, autocast_dtype(cfg.train, ctx.device), rank=ctx.rank, world_size=ctx.world_size,
+                              reduce_max=reduce_max if ctx.distributed else None)
+    finally:
+        del model
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _save_raw(model: nn.Module, cfg: RunConfig, run_dir: Path) -> None:
@@ -545,9 +773,13 @@ def _save_raw(model: nn.Module, cfg: RunConfig, run_dir: Path) -> None:
     write_bytes_atomic(run_dir / "final_model.raw.pgolf", blob)
 
 
-def _artifact_extra(cfg: RunConfig) -> dict:
-    """What an artifact records beyond the model shape: enough to evaluate it the same way."""
-    return {"preset": cfg.preset, "profile": cfg.profile, "train_seq_len": cfg.train.train_seq_len, "eval_seq_len": cfg.eval_seq_len}
+def _artifact_extra(cfg: RunConfig, data: RunData | None = None) -> dict:
+    """What an artifact records beyond the model shape: enough to evaluate it the same way, and
+    the tokenizer it was trained with (``pgolf eval`` refuses another)."""
+    extra = {"preset": cfg.preset, "profile": cfg.profile, "train_seq_len": cfg.train.train_seq_len, "eval_seq_len": cfg.eval_seq_len}
+    if data is not None:
+        extra["tokenizer_sha256"] = data.identity["tokenizer_sha256"]
+    return extra
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -1,0 +1,184 @@
+"""The context coder, the records' byte shuffle and R7's per-group lrzip scheme: exact round
+trips, clear errors on corrupted streams, the lrzip scheme skipped cleanly without the binary,
+and the codecs table of ``pgolf inspect --artifact --json``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pgolf.errors import ArtifactError, MissingDependencyError
+from pgolf.quant.compare import byte_shuffle, byte_unshuffle, codec_comparison, records_blob
+from pgolf.quant.config import QuantConfig
+from pgolf.quant.container import ChunkPlan, decode_artifact, encode_artifact
+from pgolf.quant.ctxcoder import decode_ctx, encode_ctx, greedy_l2_order, pack_bits_wide, unpack_bits_wide
+from pgolf.quant.entropy import encode_entropy, tensor_bound_bits
+from pgolf.quant.export import dequantize_state_dict, quantize_state_dict
+from pgolf.quant.pergroup import GROUPS, decode_pergroup, encode_pergroup, greedy_l1_order, group_of
+
+HAS_LRZIP = shutil.which("lrzip") is not None
+
+
+def _similar_rows(rows: int = 300, cols: int = 96, seed: int = 0) -> np.ndarray:
+    """Offset int6 values whose rows come in families (a shared direction per family + noise),
+    shuffled: a neighbour model after reordering beats any order-0 code."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 6, (12, cols))
+    v = centres[rng.integers(0, 12, rows)] + rng.normal(0, 1.0, (rows, cols))
+    return (np.clip(np.round(v), -31, 31) + 31).astype(np.uint8)
+
+
+def test_ctx_round_trip_and_beats_the_order0_bound_on_similar_rows() -> None:
+    u = _similar_rows()
+    data = encode_ctx(u, 6)
+    assert data[0] & 1  # the stored nearest-neighbour order won
+    assert np.array_equal(decode_ctx(data, *u.shape, 6), u)
+    bound = tensor_bound_bits(u, 6) / 8
+    assert len(data) < 0.8 * min(bound, len(encode_entropy(u, 6)))
+    # i.i.d. values: no order is stored, and the adaptive code stays close to the bound
+    iid = np.random.default_rng(1).integers(20, 43, (200, 128)).astype(np.uint8)
+    d2 = encode_ctx(iid, 6)
+    assert not d2[0] & 1 and np.array_equal(decode_ctx(d2, *iid.shape, 6), iid)
+    assert len(d2) < 1.03 * tensor_bound_bits(iid, 6) / 8
+
+
+@pytest.mark.parametrize("shape, bits", [((1, 1), 2), ((1, 40), 8), ((37, 1), 3), ((5, 7), 7)])
+def test_ctx_edge_shapes(shape, bits: int) -> None:
+    u = np.random.default_rng(2).integers(0, 1 << bits, shape).astype(np.uint8)
+    for order in (None, np.arange(shape[0])[::-1].copy()):
+        d = encode_ctx(u, bits, order=order) if order is not None else encode_ctx(u, bits)
+        assert np.array_equal(decode_ctx(d, *shape, bits), u)
+
+
+def test_ctx_corrupt_streams_are_clear_errors() -> None:
+    u = _similar_rows(64, 32)
+    data = bytearray(encode_ctx(u, 6))
+    assert data[0] & 1
+    with pytest.raises(ValueError, match="model version 3, this pgolf decodes version 2"):
+        decode_ctx(bytes([7]) + bytes(data[1:]), 64, 32, 6)
+    with pytest.raises(ValueError, match="symbols"):
+        decode_ctx(bytes(data[:3]) + bytes([40, 30]) + bytes(data[5:]), 64, 32, 6)  # lo > hi
+    with pytest.raises(ValueError, match="payload bytes"):
+        decode_ctx(bytes(data[:-3]), 64, 32, 6)
+    bad = bytearray(data)
+    bad[5:7] = b"\x00\x00"  # two rows of the permutation now both read as row 0
+    with pytest.raises(ValueError, match="not a permutation"):
+        decode_ctx(bytes(bad), 64, 32, 6)
+    with pytest.raises(ValueError, match="truncated"):
+        decode_ctx(bytes(data[:2]), 64, 32, 6)
+
+
+def test_wide_bitpacking_and_orders() -> None:
+    v = np.random.default_rng(3).integers(0, 1 << 13, 1000)
+    assert np.array_equal(unpack_bits_wide(pack_bits_wide(v, 13), 1000, 13), v)
+    u = _similar_rows(80, 24)
+    for order in (greedy_l2_order(u), greedy_l1_order(u)):
+        assert order[0] == 0 and np.array_equal(np.sort(order), np.arange(80))
+    # R7's rule on a hand-made case: from row 0 always to the nearest unused row in L1
+    rows = np.array([[0, 0], [9, 9], [1, 0], [5, 5], [1, 1]], dtype=np.int8)
+    assert greedy_l1_order(rows).tolist() == [0, 2, 4, 3, 1]
+
+
+def test_ctx_packing_in_the_container() -> None:
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(16, 64, generator=g)
+    emb = base[torch.randint(0, 16, (512,), generator=g)] + 0.15 * torch.randn(512, 64, generator=g)  # families of rows
+    state = {"tok_emb.weight": emb, "blocks.0.mlp.fc.weight": torch.randn(128, 64, generator=g), "q_gain": torch.ones(8)}
+    qts = quantize_state_dict(state, QuantConfig(embed_format="int6:sd:sym", mlp_format="int6:sd:sym", small_numel=64))
+    for packing in ("ctx", "auto"):
+        blob = encode_artifact(qts, {}, ChunkPlan(default_codec="zstd-22", packing=packing))
+        contents = decode_artifact(blob)
+        a, b = dequantize_state_dict(qts), dequantize_state_dict(contents.qtensors)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        chosen = {i.name: i.streams["v"].packing for i in contents.tensors}
+        assert chosen["tok_emb.weight"] == "ctx"  # auto picks the context coder where it pays
+
+
+def test_byte_shuffle_is_the_records_layout() -> None:
+    data = bytes(range(7))
+    assert byte_shuffle(data) == b"BSHF\x02" + bytes([0, 2, 4, 6, 1, 3, 5])
+    for n in (0, 1, 2, 1001):
+        d = np.random.default_rng(n).bytes(n)
+        assert byte_unshuffle(byte_shuffle(d)) == d
+    with pytest.raises(ValueError, match="magic"):
+        byte_unshuffle(b"XXXX\x02ab")
+
+
+def _model_qtensors():
+    g = torch.Generator().manual_seed(5)
+    state = {"tok_emb.weight": torch.randn(64, 32, generator=g)}
+    for i in range(2):
+        for n, shape in (("attn.c_q", (32, 32)), ("attn.c_k", (16, 32)), ("attn.c_v", (16, 32)), ("attn.proj", (32, 32)),
+                         ("mlp.fc", (64, 32)), ("mlp.proj", (32, 64))):
+            state[f"blocks.{i}.{n}.weight"] = torch.randn(*shape, generator=g)
+        state[f"blocks.{i}.attn.attn_gate_w"] = torch.randn(4, 12, generator=g)
+        state[f"blocks.{i}.attn_scale"] = torch.ones(32)
+    cfg = QuantConfig(embed_format="int7:sd:sym", attn_format="int6:sd:sym", mlp_format="int6:sd:sym", small_numel=256,
+                      gate_format="int8:max:sym:nofloor", lqer_top_k=2, lqer_rank=2)
+    return quantize_state_dict(state, cfg)
+
+
+def test_groups_are_r7s() -> None:
+    assert group_of("tok_emb.weight") == "tok_emb" and group_of("blocks.3.mlp.fc.weight") == "mlp.fc"
+    assert group_of("blocks.3.attn.attn_gate_w") is None and group_of("blocks.3.attn.proj.weight") == "attn.proj"
+    assert GROUPS == ("tok_emb", "attn.c_k", "attn.c_q", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+
+
+@pytest.mark.skipif(not HAS_LRZIP, reason="the lrzip binary is not installed (apt-get install lrzip)")
+def test_pergroup_round_trip_and_corruption() -> None:
+    qts = _model_qtensors()
+    res = encode_pergroup(qts, {"m": 1})
+    meta, back = decode_pergroup(res.blob)
+    assert meta == {"m": 1}
+    a, b = dequantize_state_dict(qts), dequantize_state_dict(back)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(res.group_values.values()) == sum(q.values.numel() for q in qts if group_of(q.name))
+    bad = bytearray(res.blob)
+    bad[10] ^= 0xFF  # a stream length
+    with pytest.raises(ArtifactError, match="not a valid per-group file"):
+        decode_pergroup(bytes(bad), "x.pgrp")
+    with pytest.raises(ArtifactError, match="bad magic"):
+        decode_pergroup(b"PK" + res.blob[2:], "x.pgrp")
+
+
+def test_pergroup_without_lrzip_is_skipped_with_a_reason(monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    qts = _model_qtensors()
+    with pytest.raises(MissingDependencyError, match="needs the lrzip system binary"):
+        encode_pergroup(qts)
+    table = codec_comparison(qts, 12345, {q.name: 10.0 for q in qts if q.scale is not None})
+    assert table["codecs"]["lrzip-pergroup"] is None and "lrzip" in table["lrzip_note"]
+    assert all(r["lrzip-pergroup"] is None for r in table["codec_groups"])
+
+
+def test_codec_table_of_inspect(tmp_path: Path, monkeypatch, capsys) -> None:
+    from pgolf.cli import main
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # fast and deterministic: no lrzip here
+    qts = _model_qtensors()
+    path = tmp_path / "a.pgolf"
+    from pgolf.quant.container import write_bytes_atomic
+
+    blob = encode_artifact(qts, {"format": "pgolf-artifact", "model": {}}, ChunkPlan(default_codec="brotli", packing="auto"))
+    write_bytes_atomic(path, blob)
+    assert main(["inspect", "--artifact", str(path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    c = rep["codecs"]
+    assert set(c) == {"pgolf", "zstd-22", "brotli-11-shuffle", "lrzip-pergroup", "entropy_bound"}
+    assert c["pgolf"] == len(blob) and c["lrzip-pergroup"] is None
+    from pgolf.quant.codecs import compress
+    from pgolf.quant.compare import brotli_shuffle
+
+    assert c["zstd-22"] == len(compress("zstd-22", records_blob(qts))) and c["brotli-11-shuffle"] == len(brotli_shuffle(records_blob(qts)))
+    groups = {r["group"]: r for r in rep["codec_groups"]}
+    assert set(groups) == set(GROUPS) | {"other ints", "rest"}
+    assert groups["mlp.fc"]["values"] == 2 * 64 * 32
+    ints = sum(r["pgolf"] for g, r in groups.items() if g != "rest")
+    assert abs(ints + groups["rest"]["pgolf"] - len(blob)) <= len(groups)  # the groups partition the file (rounding)
+    assert main(["inspect", "--artifact", str(path), "--codecs", "none", "--json"]) == 0
+    assert "codecs" not in json.loads(capsys.readouterr().out)
