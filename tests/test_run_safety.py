@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -159,7 +160,7 @@ FRONTIER_TINY = [("model.vocab_size", 1024), ("model.num_layers", 6), ("model.lo
     ("baseline", [("train.grad_accum_base", 2)], 2),
 ])
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(demo_dir, tmp_path, preset, extra, nproc):
-    """A run killed with SIGKILL right after a checkpoint and resumed logs exactly the per-step
+    """A run killed with SIGKILL at a random step and resumed logs exactly the per-step
     losses of a run that was never interrupted (EMA, SWA, QAT, loops, loader, RNG all restored)."""
     extra = extra + [("train.iterations", 8), ("train.checkpoint_every", 3)]
     if nproc == 1:
@@ -169,8 +170,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(demo_dir, tmp_path, 
     out = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(out, demo_dir, preset, extra, nproc), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+    kill_after = random.randint(4, 7)  # any step: before, during or after the step-6 checkpoint
     try:
-        _wait_for(out / "log.txt", "checkpoint:saved step:6", proc)
+        _wait_for(out / "log.txt", f"step:{kill_after}/8 train_loss", proc)
     finally:
         _kill_tree(proc.pid)  # the launcher and every worker, with no chance to clean up
         proc.wait()
@@ -184,7 +186,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(demo_dir, tmp_path, 
     assert sorted(got) == sorted(expected) == list(range(1, 9))
     assert got == expected
     log = (out / "log.txt").read_text()
-    assert "status:resumed step:6" in log and log.rstrip().endswith("status:finished")
+    assert re.search(r"status:resumed step:[36] ", log), (kill_after, log[-2000:])
+    assert log.rstrip().endswith("status:finished")
     s_ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
     s_res = json.loads((out / "summary.json").read_text())
     assert s_res["val_bpb_roundtrip"] == s_ref["val_bpb_roundtrip"]
@@ -296,9 +299,59 @@ def test_eval_refuses_training_shards_and_a_tokenizer_the_artifact_was_not_train
     base = ["eval", "--artifact", str(out / "final_model.pgolf"), "--stride", "0", "--json", "--max-tokens", "4096"]
     assert main(base + ["--val", str(demo_dir / "fineweb_train_*.bin"), "--tokenizer", str(meta_tok)]) == 2
     assert "matches training shards" in capsys.readouterr().err
+    assert main(base + ["--val", str(demo_dir / "fineweb_train_*.bin"), "--tokenizer", str(meta_tok), "--allow-train-shards"]) == 0
+    capsys.readouterr()
     assert main(base + ["--val", str(demo_dir / "fineweb_val_*.bin"), "--tokenizer", str(shared_tokenizer)]) == 2
     assert "not the tokenizer this artifact was trained with" in capsys.readouterr().err
     assert main(base + ["--val", str(demo_dir / "fineweb_val_*.bin"), "--tokenizer", str(meta_tok)]) == 0
     scored = json.loads(capsys.readouterr().out)
     summary = json.loads((out / "summary.json").read_text())
     assert scored["val_bpb"] == pytest.approx(summary["val_bpb_roundtrip"], abs=1e-9)
+
+
+def test_messages_name_what_the_user_typed(demo_dir, tmp_path, monkeypatch, capsys):
+    """The bundled script's user sets DATA_PATH, not data.path; prepare's user typed --tokenizer."""
+    from pgolf.config import to_dict
+    from pgolf.submit.entry import main as script_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATA_PATH", str(tmp_path / "no-such-data"))
+    monkeypatch.setenv("TOKENIZER_PATH", str(next(demo_dir.glob("*.model"))))
+    with pytest.raises(SystemExit) as exc:
+        script_main(to_dict(_cfg(demo_dir)), __file__)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no training shards match") and "point DATA_PATH at" in err and "data.path" not in err
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.txt"))
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "a"}\n')
+    assert main(["data", "prepare", "--docs", str(docs), "--out", str(tmp_path / "d"), "--val-docs", "1",
+                 "--tokenizer", str(tmp_path / "missing.model")]) == 2
+    err = capsys.readouterr().err
+    assert "--tokenizer" in err and "missing.model" in err and not (tmp_path / "d").exists()
+
+
+def test_progress_bars_stay_out_of_captured_output(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pgolf", "train", "--preset", "baseline", "--profile", "cpu", "--data", str(demo_dir),
+                           "--out", str(out)] + tiny_set_args([("train.iterations", 3), ("train.progress", True)]),
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stderr and "\r" not in proc.stdout  # tqdm draws with carriage returns on a terminal only
+
+
+def test_configs_that_name_the_same_data_compare_equal(demo_dir, tmp_path, monkeypatch):
+    from pgolf.config import to_dict
+    from pgolf.submit.record import config_differences
+
+    implicit = to_dict(_cfg(demo_dir))  # data.tokenizer "": the manifest's tokenizer
+    explicit = to_dict(_cfg(demo_dir, extra=[("data.tokenizer", str(next(demo_dir.glob("*.model"))))]))
+    assert implicit["data"]["tokenizer"] != explicit["data"]["tokenizer"]
+    assert config_differences(implicit, explicit) == []
+    monkeypatch.chdir(demo_dir.parent)
+    relative = to_dict(_cfg(demo_dir, extra=[("data.path", demo_dir.name)]))
+    assert config_differences(implicit, relative) == []
+    other_tok = tmp_path / "other.model"
+    other_tok.write_bytes(b"not the same tokenizer")
+    assert config_differences(implicit, to_dict(_cfg(demo_dir, extra=[("data.tokenizer", str(other_tok))]))) == ["data.tokenizer"]

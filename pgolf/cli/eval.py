@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--artifact", required=True, help="a .pgolf artifact file")
     p.add_argument("--val", required=True, help="glob of validation shards, e.g. 'data/fineweb_val_*.bin'")
     p.add_argument("--tokenizer", required=True, help="SentencePiece model the shards were made with")
+    p.add_argument("--allow-train-shards", action="store_true",
+                   help="score training shards given as --val (a loss on seen tokens, never a val_bpb to report)")
     p.add_argument("--seq-len", type=int, default=0, help="window length (default: the artifact's eval seq len)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default 64, the records', or the window if shorter; 0: standard eval only)")
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per standard-eval batch")
@@ -119,9 +121,9 @@ def load_eval_inputs(args: argparse.Namespace, device):
     if not files:
         raise DataError(f"no validation shards match {args.val!r}; check the glob (quote it so the shell does not expand it)")
     trained_on = [f for f in files if f.name.startswith("fineweb_train_")]
-    if trained_on:  # a score on training tokens is not a val_bpb
+    if trained_on and not getattr(args, "allow_train_shards", False):  # a score on training tokens is not a val_bpb
         raise DataError(f"--val {args.val!r} matches training shards ({trained_on[0].name}, ...); "
-                        "pass the validation shards, e.g. --val 'DATA/fineweb_val_*.bin'")
+                        "pass the validation shards, e.g. --val 'DATA/fineweb_val_*.bin' (or --allow-train-shards to score them anyway)")
     model, meta = load_artifact_model(args.artifact, device)
     model.eval()
     check_artifact_tokenizer(meta, args.tokenizer)

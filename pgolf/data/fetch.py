@@ -273,7 +273,7 @@ def fetch_dataset(
             raise DataError(f"{where}: two files of {variant} share a name, so they cannot share one folder")
 
         fetched = 0
-        for remote_path in tqdm(wanted, desc=f"fetch {variant}", unit="file", disable=not progress):
+        for remote_path in tqdm(wanted, desc=f"fetch {variant}", unit="file", disable=None if progress else True):
             local = out / Path(remote_path).name
             if _valid_local(local):
                 continue

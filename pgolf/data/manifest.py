@@ -211,7 +211,7 @@ def check_disjoint(
     if clash:
         raise DataError(f"{clash[0]}: train glob {train_glob!r} matches a validation shard; use fineweb_train_*.bin")
     val_hashes = set(manifest["val"]["doc_hashes"]) - {EMPTY_DOC_HASH}
-    shards = (read_shard(f) for f in tqdm(files, desc="hash train docs", unit="shard", disable=not progress))
+    shards = (read_shard(f) for f in tqdm(files, desc="hash train docs", unit="shard", disable=None if progress else True))
     train_docs = overlapping = 0
     offending: set[str] = set()
     for doc in iter_documents(shards, manifest["bos_id"]):
@@ -248,7 +248,7 @@ def verify_files(folder: str | Path, *, progress: bool = False) -> list[dict[str
     rows.append({"split": "tokenizer", "name": tok["file"], "status": status})
     listed = {tok["file"]}
     entries = [(split, f) for split in ("val", "train") for f in manifest[split]["files"]]
-    for split, entry in tqdm(entries, desc="verify", unit="file", disable=not progress):
+    for split, entry in tqdm(entries, desc="verify", unit="file", disable=None if progress else True):
         listed.add(entry["name"])
         rows.append({"split": split, "name": entry["name"], "status": _check_shard(folder / entry["name"], entry)})
     for entry in manifest["val"]["files"]:

@@ -176,6 +176,9 @@ def prepare_dataset(
         raise DataError(f"{out_dir} exists and is not a folder; choose another --out")
     # Check the tokenizer (or the size of the one to train) before writing anything.
     if tokenizer is not None:
+        if not Path(tokenizer).is_file():  # named as the option the user typed, not as data.tokenizer
+            raise DataError(f"--tokenizer {tokenizer}: no such file; pass an existing SentencePiece .model, "
+                            "or --train-tokenizer to train one on the documents")
         sp = load_tokenizer(tokenizer)
         _check_shardable(sp, Path(tokenizer))
         if caseops:
@@ -224,7 +227,7 @@ def prepare_dataset(
     normalize = tokenizer_normalizer(sp)
     table = cops.piece_byte_table(sp) if caseops else None
     index = 0
-    with tqdm(total=total_docs, desc="tokenize", unit="doc", disable=not progress) as bar:
+    with tqdm(total=total_docs, desc="tokenize", unit="doc", disable=None if progress else True) as bar:
         while batch := [t for _, t in zip(range(ENCODE_BATCH), texts)]:
             if caseops:
                 batch = [normalize(t) for t in batch]

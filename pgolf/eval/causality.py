@@ -239,7 +239,7 @@ def check_causality(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(pos_list, desc=f"causality {mode}", unit="flip", leave=False, dynamic_ncols=True)
+        bar = tqdm(pos_list, desc=f"causality {mode}", unit="flip", leave=False, dynamic_ncols=True, disable=None)
     for p in bar if bar is not None else pos_list:
         old = int(tokens[p])
         assert old not in set(kept.tolist()), f"position {p} holds a kept token ({old})"

@@ -223,4 +223,4 @@ def _bar(total: int, desc: str, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="win", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="win", leave=False, dynamic_ncols=True, disable=None)

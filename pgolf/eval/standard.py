@@ -92,4 +92,4 @@ def _progress(iterable, desc: str, enabled: bool):
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None)

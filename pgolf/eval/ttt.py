@@ -224,7 +224,7 @@ class ScoreFirstTTT:
         if progress and self.rank == 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.n_chunks, desc=f"ttt {self.cfg.mode}", unit="chunk", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=self.n_chunks, desc=f"ttt {self.cfg.mode}", unit="chunk", leave=False, dynamic_ncols=True, disable=None)
         try:
             for c in range(self.n_chunks):
                 self.process_chunk(c)

@@ -159,7 +159,7 @@ class SelfGenerated:
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc="self-generate", leave=False, dynamic_ncols=True)
+            steps = tqdm(steps, desc="self-generate", leave=False, dynamic_ncols=True, disable=None)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -152,7 +152,7 @@ def _trial_sizes(tasks: list[tuple[str, bytes]], progress: bool) -> list[int]:
         if progress:
             from tqdm.auto import tqdm
 
-            results = tqdm(results, total=len(tasks), desc="export: codec trials", leave=False, dynamic_ncols=True)
+            results = tqdm(results, total=len(tasks), desc="export: codec trials", leave=False, dynamic_ncols=True, disable=None)
         return list(results)
 
 
@@ -239,7 +239,7 @@ def encode_artifact(qtensors: list[QTensor], meta: dict, plan: ChunkPlan | None 
         if plan.progress:
             from tqdm.auto import tqdm
 
-            results = tqdm(results, total=len(qtensors), desc="export: packing", leave=False, dynamic_ncols=True)
+            results = tqdm(results, total=len(qtensors), desc="export: packing", leave=False, dynamic_ncols=True, disable=None)
         per_tensor = list(results)
     _decide([p for streams in per_tensor for p in streams], codecs, plan.progress)
     groups: dict[str, list[_Pending]] = {}

@@ -51,6 +51,20 @@ def run_folder(preset: str, seed: int, environ=None) -> Path:
     return path
 
 
+def in_script_terms(message: str) -> str:
+    """A user error as the bundled script's user reads it: settings by the environment variable
+    that sets them (``data.path`` -> ``DATA_PATH``), not by pgolf's dotted key."""
+    import re
+
+    from pgolf.config.envvars import CHALLENGE_ENV
+
+    names: dict[str, str] = {}
+    for env_name, dotted in CHALLENGE_ENV.items():
+        names.setdefault(dotted, env_name)  # the first (the challenge's) name of a key
+    return re.sub(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(names, key=len, reverse=True)) + r")(?![\w])",
+                  lambda m: names[m.group(1)], message)
+
+
 def main(config: dict, script: str) -> dict:
     """Train the embedded ``config`` (overridden by the environment); ``script`` is the bundled
     file, whose size is the code size counted against the budget."""
@@ -61,7 +75,7 @@ def main(config: dict, script: str) -> dict:
             raise ConfigError("TOKENIZER_PATH is empty: set it to the SentencePiece .model the shards were made with")
         run_dir = run_folder(cfg.preset, cfg.train.seed)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {in_script_terms(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
     from pgolf.train.loop import run_training
 
@@ -74,5 +88,5 @@ def main(config: dict, script: str) -> dict:
         # The size prediction was printed when the bundle was generated; the script skips it.
         return run_training(cfg, run_dir, code_bytes=code_bytes, predict_size=False)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {in_script_terms(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None

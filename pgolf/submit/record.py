@@ -76,9 +76,32 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config_without_seed(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _same_meaning(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with its data paths in one form, so that configurations that mean the same
+    compare equal: ``data.path`` resolved; ``data.tokenizer`` empty (the manifest's tokenizer)
+    replaced by the manifest's file, and any tokenizer file that exists by its sha256."""
+    data = config.get("data")
+    if not isinstance(data, dict) or "path" not in data:
+        return config
+    folder = Path(str(data["path"])).expanduser()
+    tok = str(data.get("tokenizer") or "")
+    if not tok and (folder / "manifest.json").is_file():
+        try:
+            tok = str(folder / json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["tokenizer"]["file"])
+        except (OSError, ValueError, KeyError, TypeError):
+            tok = ""
+    if tok and Path(tok).expanduser().is_file():
+        tok = "sha256:" + hashlib.sha256(Path(tok).expanduser().read_bytes()).hexdigest()
+    elif tok:
+        tok = str(Path(tok).expanduser().resolve())
+    data["path"], data["tokenizer"] = str(folder.resolve()), tok
+    return config
+
+
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """``section.key`` names whose values differ between two configs (seed excluded)."""
-    a, b = config_without_seed(a), config_without_seed(b)
+    """``section.key`` names whose values differ between two configs (seed excluded). Data paths
+    are compared by what they name (see :func:`_same_meaning`)."""
+    a, b = _same_meaning(config_without_seed(a)), _same_meaning(config_without_seed(b))
     out = []
     for section in sorted(set(a) | set(b)):
         va, vb = a.get(section), b.get(section)

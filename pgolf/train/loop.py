@@ -482,8 +482,8 @@ def _train_bar(t, enabled: bool):
     from tqdm.auto import tqdm
 
     if t.max_wallclock_seconds > 0:
-        return tqdm(total=round(t.max_wallclock_seconds, 1), desc="train", unit="s", dynamic_ncols=True, leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}")
-    return tqdm(total=t.iterations, desc="train", unit="step", dynamic_ncols=True, leave=False)
+        return tqdm(total=round(t.max_wallclock_seconds, 1), desc="train", unit="s", dynamic_ncols=True, leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}", disable=None)
+    return tqdm(total=t.iterations, desc="train", unit="step", dynamic_ncols=True, leave=False, disable=None)
 
 
 def _advance_bar(bar, t, step: int, approx_ms: float, loss: float) -> None:
