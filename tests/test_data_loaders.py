@@ -70,7 +70,7 @@ def test_deterministic_for_a_seed_and_seeds_differ(shards: list[Path], kind: str
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
-@pytest.mark.parametrize("kind", ["shuffled", "coprime"])
+@pytest.mark.parametrize("kind", ["stream", "shuffled", "coprime"])
 def test_resume_from_a_saved_state_continues_exactly(shards: list[Path], kind: str, tmp_path: Path) -> None:
     first = build_loader(DataConfig(loader=kind), shards, 1, 2, CPU)
     draw(first, 40, accum=2)  # the shuffled loader's 3 shards reshuffle after ~100 sequences
@@ -82,6 +82,9 @@ def test_resume_from_a_saved_state_continues_exactly(shards: list[Path], kind: s
     other = "coprime" if kind == "shuffled" else "shuffled"
     with pytest.raises(DataError, match=f"the checkpoint's loader is '{kind}' but data.loader is '{other}'"):
         build_loader(DataConfig(loader=other), shards, 1, 2, CPU).load_state_dict(state)
+    if kind != "stream":
+        with pytest.raises(DataError, match=f"the checkpoint's loader is '{kind}' but data.loader is 'stream'"):
+            build_loader(DataConfig(loader="stream"), shards, 1, 2, CPU).load_state_dict(state)
 
 
 def test_shuffled_ranks_own_disjoint_shards_and_draw_without_replacement(shards: list[Path]) -> None:

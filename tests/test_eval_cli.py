@@ -202,3 +202,17 @@ def test_a_training_run_ends_with_the_sliding_and_ttt_lines(demo_dir, tmp_path) 
     assert "eval_estimate_8xh100" not in log
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["val_bpb_sliding"] == s["val_bpb_sliding"] and saved["val_bpb_ttt"] == s["val_bpb_ttt"]
+
+
+def test_the_estimate_scores_the_official_split_under_the_models_tokenizer():
+    """The same 50,000 documents are 62.0M SP1024 targets but 40.5M SP8192 ones (frontier.md 1.1):
+    an estimate for an SP8192 model on the SP1024 count would be 53% too slow."""
+    from pgolf.config import load_config
+    from pgolf.eval.budget import estimate_8xh100
+
+    assert estimate_8xh100(load_config("pr401").model, 2048).n_targets == 62_021_632
+    assert estimate_8xh100(load_config("pr1218").model, 2048).n_targets == 45_508_608
+    sp8192 = load_config("pr1394").model
+    assert estimate_8xh100(sp8192, 2048).n_targets == 40_540_160
+    assert estimate_8xh100(sp8192, 2048, caseops=True).n_targets == 47_851_520
+    assert estimate_8xh100(sp8192, 2048).standard_s < estimate_8xh100(sp8192, 2048, n_targets=62_021_632).standard_s

@@ -338,3 +338,26 @@ def test_bytes_come_from_the_sidecar_when_the_data_has_one() -> None:
     docs = evaluate_documents(model, stream, counter, seq_len=L, chunk=8, batch_docs=4)
     o = evaluate_phased(model, stream, counter, phased_cfg(prefix_docs=4, phases=1), seq_len=L)
     assert docs.bytes == o.result.bytes == int(side[1:].sum())  # target i is worth sidecar[i + 1]
+
+
+def test_the_phased_estimate_counts_every_lora_step():
+    import dataclasses
+
+    from pgolf.eval.budget import phased_flops
+
+    cfg = load_config("pr1855")
+    one, _ = phased_flops(cfg.model, [3000] * 50, 2048, cfg.ttt)
+    two, _ = phased_flops(cfg.model, [3000] * 50, 2048, dataclasses.replace(cfg.ttt, grad_steps=2))
+    one_chunk, _ = phased_flops(cfg.model, [10] * 50, 2048, dataclasses.replace(cfg.ttt, grad_steps=2))
+    assert two > 1.5 * one  # almost all of it is the adapted chunks' forward+backward
+    assert one_chunk == phased_flops(cfg.model, [10] * 50, 2048, cfg.ttt)[0]  # a one-chunk document never adapts
+
+
+def test_the_causality_audit_takes_a_presets_phased_settings():
+    from pgolf.cli.audit import causality_parser
+    from pgolf.cli.eval import ttt_config_from_args
+
+    args = causality_parser().parse_args(["--artifact", "a", "--val", "v", "--tokenizer", "t", "--ttt", "phased",
+                                           "--ttt-preset", "pr1855", "--ttt-set", "batch_docs=3"])
+    cfg = ttt_config_from_args(args)
+    assert cfg.mode == "phased" and cfg.doc_lora_rank == 80 and cfg.doc_beta2 == 0.99 and cfg.batch_docs == 3

@@ -46,6 +46,9 @@ def causality_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-6, help="NLL tolerance before the flip (default 1e-6 nats)")
     p.add_argument("--ttt", choices=("sgd", "lora", "phased"), default="sgd",
                    help="TTT variant checked by --mode ttt/all (phased: R6/R7's per-document LoRA + global SGD, checked in scoring order)")
+    p.add_argument("--ttt-preset", default=None,
+                   help="take the [ttt] values of a preset (e.g. pr1855: its LoRA rank, learning rates, betas); the sizes "
+                        "that must fit the audited prefix (batch_docs, prefix_docs, phases, doc_chunk, seq_len) are still scaled")
     p.add_argument("--ttt-set", action="append", default=[], metavar="KEY=VALUE",
                    help="any ttt key (repeatable); phased defaults here: batches of a quarter of the prefix's documents, "
                         "2 phases over half of them, global SGD chunks of a quarter of the prefix")

@@ -137,6 +137,7 @@ def load_eval_inputs(args: argparse.Namespace, device):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from pgolf.eval.bpb import SidecarBytes
     from pgolf.eval.budget import estimate_8xh100
     from pgolf.eval.sliding import evaluate_sliding, sliding_plan
     from pgolf.eval.standard import evaluate_standard
@@ -198,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
             from pgolf.eval.documents import split_documents
 
             lengths = split_documents(val_tokens, model.cfg.bos_id).lengths.numpy()
-        est = estimate_8xh100(model.cfg, seq_len, args.stride, ttt_cfg, doc_lengths=lengths)
+        caseops = isinstance(lut, SidecarBytes)  # the byte sidecar comes with the CaseOps data
+        est = estimate_8xh100(model.cfg, seq_len, args.stride, ttt_cfg, doc_lengths=lengths, caseops=caseops)
         out["estimate_8xh100"] = est.as_dict()
     finally:
         if ctx.distributed:

@@ -88,5 +88,8 @@ class DistributedTokenLoader:
         return {"kind": "stream", "stream": self.stream.state_dict(), "tokens_taken": self.tokens_taken}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "stream":
+            raise DataError(f"the checkpoint's loader is {state.get('kind')!r} but data.loader is 'stream'; "
+                            "resume with the same data.loader")
         self.stream.load_state_dict(state["stream"])
         self.tokens_taken = int(state["tokens_taken"])

@@ -51,7 +51,22 @@ from pgolf.model.config import ModelConfig
 
 H100_BF16_DENSE_PEAK = 989e12  # FLOP/s per H100 SXM, dense bf16 (NVIDIA datasheet)
 GPUS = 8
-OFFICIAL_VAL_TARGETS = 62_021_632  # fineweb_val_* targets, as logged by every record
+OFFICIAL_VAL_TARGETS = 62_021_632  # fineweb_val_* targets of SP1024, as logged by R1/R2 and earlier
+#: Official validation targets per tokenizer (frontier.md 1.1): the same 50,000 documents
+#: are fewer tokens under a larger vocabulary (the key: vocab size, CaseOps transform or not).
+OFFICIAL_VAL_TARGETS_BY_DATA = {(1024, False): 62_021_632, (4096, False): 45_508_608, (8192, False): 40_540_160,
+                                (8192, True): 47_851_520}
+
+
+def official_val_targets(vocab_size: int, caseops: bool = False) -> int:
+    """The official split's scored targets for this tokenizer; for a vocabulary no record used,
+    the nearest listed one's (the estimate is then approximate; the split's bytes are fixed, and
+    tokens per byte change slowly with the vocabulary)."""
+    if (vocab_size, caseops) in OFFICIAL_VAL_TARGETS_BY_DATA:
+        return OFFICIAL_VAL_TARGETS_BY_DATA[(vocab_size, caseops)]
+    near = min((k for k in OFFICIAL_VAL_TARGETS_BY_DATA if k[1] == caseops) or OFFICIAL_VAL_TARGETS_BY_DATA,
+               key=lambda k: abs(k[0] - vocab_size))
+    return OFFICIAL_VAL_TARGETS_BY_DATA[near]
 OFFICIAL_VAL_DOCS = 50_000  # the validation split's documents, for every tokenizer (frontier.md 1.1)
 EVAL_LIMIT_SECONDS = 600.0
 # Calibration points (techniques.md sections 22 and 15.4).
@@ -153,7 +168,9 @@ def phased_flops(model_cfg: ModelConfig, doc_lengths, seq_len: int, ttt: TTTConf
     w = np.minimum(ks * C, L)
     body = a * w + b * w * w
     prefix = np.concatenate(([0.0], np.cumsum(body)))  # prefix[j] = sum of the first j chunk windows
-    per_doc = 3.0 * prefix[k - 1] + body[k - 1] + head * (3.0 * C * (k - 1) + (lengths - C * (k - 1)))
+    # a chunk with a later one: its scoring forward+backward, then grad_steps - 1 more of them
+    g = 3.0 * max(1, ttt.grad_steps)
+    per_doc = g * prefix[k - 1] + body[k - 1] + head * (g * C * (k - 1) + (lengths - C * (k - 1)))
     score = weight * float(per_doc.sum())
     T = ttt.seq_len or seq_len
     cum_tokens = np.concatenate(([0.0], np.cumsum(lengths)))
@@ -252,13 +269,17 @@ def estimate_8xh100(
     seq_len: int,
     stride: int = 0,
     ttt: TTTConfig | None = None,
-    n_targets: int = OFFICIAL_VAL_TARGETS,
+    n_targets: int | None = None,
     doc_lengths=None,
+    caseops: bool = False,
 ) -> EvalBudget:
     """Estimated 8xH100 seconds of the standard eval, the sliding eval (``stride`` > 0) and the
     score-first TTT eval (``ttt.mode != off``; it scores with the sliding windows, or with
-    stride = seq_len when ``stride`` is 0) on ``n_targets`` targets (the official split by default).
+    stride = seq_len when ``stride`` is 0) on ``n_targets`` targets (default: the official split
+    under this model's tokenizer, :func:`official_val_targets`; ``caseops``: the CaseOps data).
     Phased TTT needs ``doc_lengths`` (targets per document of the evaluated stream)."""
+    if n_targets is None:
+        n_targets = official_val_targets(model_cfg.vocab_size, caseops)
     eval_rate, train_rate = calibrated_rates()
     peak = GPUS * H100_BF16_DENSE_PEAK
     std = standard_flops(model_cfg, n_targets, seq_len) / eval_rate

@@ -138,7 +138,8 @@ def _estimate(cfg, log, val_tokens=None) -> dict[str, Any]:
         from pgolf.eval.documents import split_documents
 
         lengths = split_documents(val_tokens.cpu(), cfg.model.bos_id).lengths.numpy()
-    est = estimate_8xh100(cfg.model, cfg.eval_seq_len, cfg.eval.sliding_stride, cfg.ttt, doc_lengths=lengths)
+    est = estimate_8xh100(cfg.model, cfg.eval_seq_len, cfg.eval.sliding_stride, cfg.ttt, doc_lengths=lengths,
+                          caseops=cfg.data.transform != "none")
     log.log(est.log_line())
     return {
         "eval_estimate_8xh100_seconds": est.total_s,
