@@ -13,7 +13,7 @@ import sys
 
 from pgolf.errors import UserError
 
-COMMAND_MODULES = ("run", "data", "train", "eval", "inspect", "quant", "audit", "submit")
+COMMAND_MODULES = ("run", "data", "train", "eval", "inspect", "quant", "audit", "submit", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

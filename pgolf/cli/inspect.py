@@ -40,7 +40,43 @@ def preset_report(args: argparse.Namespace) -> dict:
         "optimizer_groups": {k: {"tensors": len(v), "params": sum(p.numel() for _, p in v)} for k, v in groups.__dict__.items()},
         "config_changes": diff_from_defaults(cfg),
         "predicted_artifact": predict_artifact_bytes(cfg, estimate_code_bytes()),
+        # The step-time model (pgolf.train.steptime): only for the 8xH100 profile it is calibrated on.
+        "plan_8xh100": _plan(cfg) if cfg.profile == "8xh100" else None,
     }
+
+
+def _plan(cfg) -> dict:
+    from pgolf.train.steptime import predict_run
+
+    return predict_run(cfg)
+
+
+def format_plan(plan: dict) -> list[str]:
+    """The 8xH100 plan's lines of the text report."""
+    ms = f"{plan['ms_per_step_loops_off']:.1f} ms/step"
+    if plan["ms_per_step_loops_on"] is not None:
+        on = plan["loop_on_step"]
+        ms = (f"{plan['ms_per_step_loops_off']:.1f} ms/step loops off, {plan['ms_per_step_loops_on']:.1f} with loops on"
+              + (f" (from step {on:,})" if on is not None else " (never reached)"))
+    reserve = "" if not plan["reserve_seconds"] else f" ({plan['reserve_seconds']:g} s reserved for GPTQ)"
+    ser = plan["serialisation"]
+    lines = [
+        f"8xH100 plan (step-time model, {plan['assumption']}):",
+        f"  training     {ms}; mean {plan['ms_per_step_mean']:.1f} ms -> {plan['steps']:,} steps in "
+        f"{plan['train_seconds']:.1f} s{reserve}, {plan['tokens_per_second'] / 1e6:.2f} M tok/s",
+        f"  serialise    {ser['total_seconds']:.1f} s (GPTQ Hessians {ser['gptq_hessian_seconds']:.1f} s, solve "
+        f"{ser['gptq_solve_seconds']:.1f} s, compress {ser['compress_seconds']:.1f} s)",
+    ]
+    ev = plan.get("eval")
+    if ev:
+        parts = [f"standard {ev['standard_seconds']:.1f} s"]
+        if ev["sliding_seconds"] is not None:
+            parts.append(f"sliding {ev['sliding_seconds']:.1f} s")
+        if ev["ttt_seconds"] is not None:
+            parts.append(f"TTT {ev['ttt_seconds']:.1f} s")
+        lines.append(f"  evaluate     {ev['total_seconds']:.1f} s of {ev['limit_seconds']:.0f} s ({', '.join(parts)}; "
+                     f"{'fits' if ev['fits'] else 'OVER THE LIMIT'})")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,4 +115,6 @@ def run(args: argparse.Namespace) -> int:
               f"{pred['artifact_bytes_calibrated']:,} B ({'fits' if pred['fits'] else 'OVER BUDGET'})")
     for fmt, v in pred["by_format"].items():
         print(f"  {fmt:<16} {v['params']:>12,} params {v['bits_per_weight']:>6.3f} bits/weight {v['bytes']:>12,} B")
+    if rep["plan_8xh100"]:
+        print("\n".join(format_plan(rep["plan_8xh100"])))
     return 0

@@ -35,6 +35,11 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def process_group_backend(device: torch.device) -> str:
+    """The torch.distributed backend a torchrun launch uses on ``device``: NCCL on CUDA, gloo on CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(requested_device: str = "auto", timeout_seconds: float = 600.0) -> DistContext:
     """Join the torchrun process group if RANK/WORLD_SIZE are set; otherwise run alone.
 
@@ -51,7 +56,7 @@ def init_distributed(requested_device: str = "auto", timeout_seconds: float = 60
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if distributed and not dist.is_initialized():
-        if device.type == "cuda":
+        if process_group_backend(device) == "nccl":
             dist.init_process_group(backend="nccl", device_id=device, timeout=timedelta(seconds=timeout_seconds))
         else:
             dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
