@@ -13,7 +13,7 @@ import sys
 
 from pgolf.errors import UserError
 
-COMMAND_MODULES = ("run", "data", "train", "eval", "inspect", "quant", "audit", "submit", "doctor")
+COMMAND_MODULES = ("run", "data", "train", "eval", "inspect", "quant", "audit", "submit", "research", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
