@@ -12,17 +12,22 @@ import time
 from pathlib import Path
 
 from pgolf.cli.common import add_config_args, config_from_args
+from pgolf.config import load_config, parse_set_args
+from pgolf.errors import ConfigError
 
 DEFAULT_RECIPE = "pr401"
-DEFAULT_SECONDS = 120.0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("run", help="the whole job on the demo corpus: train, export, reload, evaluate (CPU, ~3 min)")
+    p = sub.add_parser("run", help="the whole job on the demo corpus: train a fixed number of steps, export, reload, evaluate (CPU)")
     add_config_args(p, default_preset=DEFAULT_RECIPE)
     p.set_defaults(profile="cpu")
     p.add_argument("--out", default=None, help="run folder (default: runs/run-<date>-<time>)")
-    p.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help=f"training wallclock cap (default {DEFAULT_SECONDS:.0f})")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many steps (default: the profile's train.schedule_steps, 250 at cpu: "
+                             "the count its step schedules were scaled for)")
+    budget.add_argument("--seconds", type=float, default=None, help="train for a wallclock cap instead of a step count")
     p.add_argument("--data", default=None, help="train on this data folder instead of the demo corpus")
     p.set_defaults(func=run)
 
@@ -38,13 +43,16 @@ def run(args: argparse.Namespace) -> int:
 
         # The demo variant the recipe needs: its vocabulary, CaseOps for data.transform (R6/R7).
         data_dir, corpus = demo_for_config(config_from_args(args, [])), "demo corpus (State of the Union addresses + Wikipedia lead sections)"
-    cfg = config_from_args(
-        args,
-        [
-            ("data.path", str(data_dir)),
-            ("train.max_wallclock_seconds", args.seconds),
-        ],
-    )
+    if args.seconds is not None:
+        budget = [("train.max_wallclock_seconds", args.seconds)]
+    else:
+        steps = args.steps or config_from_args(args, []).train.schedule_steps
+        if not steps or steps < 1:
+            raise ConfigError(f"profile {args.profile} states no train.schedule_steps: pass --steps N or --seconds S")
+        # A fixed step count: what the cpu schedules were scaled for, the same work on any machine.
+        budget = [("train.iterations", steps), ("train.max_wallclock_seconds", 0.0)]
+    # --steps / --seconds win over the same keys given with --set (as in pgolf ablate)
+    cfg = load_config(args.preset, args.profile, [("data.path", str(data_dir))] + parse_set_args(args.overrides) + budget)
     out = Path(args.out or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
     summary = run_training(cfg, out)
     wall = time.perf_counter() - t0
@@ -54,15 +62,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary_table(s: dict, preset: str, profile: str, corpus: str, out: Path, wall: float) -> str:
-    gap = s["val_bpb_roundtrip"] - s["val_bpb_prequant"]
-    rows = [
-        ("recipe", f"{preset} @ profile {profile}"),
-        ("data", corpus),
-        ("val_bpb before quantisation", f"{s['val_bpb_prequant']:.4f}"),
-        ("val_bpb after round trip", f"{s['val_bpb_roundtrip']:.4f}  ({gap:+.4f}, {s.get('quant_label', '')})"),
-    ]
+    prefix = s.get("val_prefix")
+    scope = f" [prefix: {prefix['targets']:,} of {prefix['of']:,} targets, not a score]" if prefix else ""
+    rows = [("recipe", f"{preset} @ profile {profile}"), ("data", corpus)]
+    if s.get("val_bpb_prequant") is not None:
+        gap = s["val_bpb_roundtrip"] - s["val_bpb_prequant"]
+        rows += [("val_bpb before quantisation", f"{s['val_bpb_prequant']:.4f}{scope}"),
+                 ("val_bpb after round trip", f"{s['val_bpb_roundtrip']:.4f}  ({gap:+.4f}, {s.get('quant_label', '')}){scope}")]
+    else:
+        rows.append(("val_bpb after round trip", f"{s['val_bpb_roundtrip']:.4f}  ({s.get('quant_label', '')}){scope}"))
     if "val_bpb_sliding" in s:
-        rows.append(("val_bpb sliding window", f"{s['val_bpb_sliding']:.4f}  (stride {s.get('sliding_stride', '')})"))
+        rows.append(("val_bpb sliding window", f"{s['val_bpb_sliding']:.4f}  (stride {s.get('sliding_stride', '')}){scope}"))
     budget = s["budget_bytes"]
     rows += [
         ("artifact bytes", f"{s['artifact_bytes']:,} = code {s['code_bytes']:,} + model {s['model_bytes']:,}"),

@@ -22,7 +22,8 @@ class EvalConfig:
     val_batch_tokens: int = 524_288  # tokens per standard-eval batch, over all ranks
     sliding_stride: int = 0  # 0 = no sliding-window eval; 64 in the records
     sliding_batch_windows: int = 32  # windows per forward on each rank
-    max_val_tokens: int = 0  # 0 = the whole validation split; > 0 truncates it (smoke tests only)
+    max_val_tokens: int = 0  # 0 = the whole validation split; > 0 scores a labelled prefix (a comparison, not a score)
+    diagnostic: bool = True  # the pre-quantisation eval of the exported weights (DIAGNOSTIC post_avg, val_bpb_prequant)
 
     def validate(self) -> None:
         from pgolf.errors import ConfigError

@@ -18,11 +18,24 @@ from __future__ import annotations
 from typing import Any
 
 
+def eval_estimate_line(what: str, targets: int, train_tokens_per_second: float, factor: float = 1.0) -> str:
+    """The log line printed before an evaluation: its expected time from the run's own training
+    rate (a forward costs about a third of a training step; ``factor``: tokens processed per scored
+    target, seq_len / stride for the sliding eval). Unknown rate: says so."""
+    if train_tokens_per_second <= 0:
+        return f"eval_estimate pass:{what} targets:{targets} seconds:unknown (no training rate measured)"
+    seconds = targets * factor / (3.0 * train_tokens_per_second)
+    return f"eval_estimate pass:{what} targets:{targets} seconds:~{seconds:.0f} (from this run's training rate)"
+
+
 def final_evaluations(model, trainer: Any, label: str) -> dict[str, Any]:
     """Run the configured final evaluations; returns the summary keys (every rank calls it).
     ``trainer`` supplies cfg, ctx, logger, val_tokens, lut, amp_dtype and ``validate``."""
     cfg, log, ctx = trainer.cfg, trainer.logger, trainer.ctx
     progress = bool(cfg.train.progress and ctx.is_main)
+    rate = getattr(trainer, "train_tokens_per_second", 0.0)
+    n_targets = trainer.val_tokens.numel() - 1
+    log.log(eval_estimate_line("roundtrip", n_targets, rate))
     res = trainer.validate(model)
     log.log(f"final_{label}_roundtrip val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} eval_time:{1000 * res.seconds:.0f}ms")
     log.log(f"final_{label}_roundtrip_exact val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
@@ -31,6 +44,7 @@ def final_evaluations(model, trainer: Any, label: str) -> dict[str, Any]:
         "val_bpb_roundtrip": res.val_bpb,
         "eval_seconds_roundtrip": res.seconds,
         "val_targets_roundtrip": res.targets,
+        "val_bytes_roundtrip": res.bytes,
     }
     seq_len, stride = cfg.eval_seq_len, cfg.eval.sliding_stride
     common = dict(
@@ -45,6 +59,8 @@ def final_evaluations(model, trainer: Any, label: str) -> dict[str, Any]:
     model.eval()
     if stride > 0:
         from pgolf.eval.sliding import evaluate_sliding, sliding_plan
+
+        log.log(eval_estimate_line("sliding", n_targets, rate, factor=seq_len / stride))
 
         sl = evaluate_sliding(model.token_nll, trainer.val_tokens, seq_len, stride, trainer.lut, **common)
         plan = sliding_plan(sl.targets, seq_len, stride)

@@ -39,6 +39,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoint_keep: int = 2
     collective_timeout_seconds: float = 600.0  # a rank that dies or hangs ends the others after this
+    # The step count the step-based schedules (warmdown_iters, momentum warm-up, SWA cadence) were
+    # scaled for (a profile's [scale]); a run that stops below half of it warns. 0 = not stated.
+    schedule_steps: int = 0
 
     def validate(self) -> None:
         from pgolf.errors import ConfigError
@@ -46,6 +49,8 @@ class TrainConfig:
         for key in ("iterations", "train_batch_tokens", "train_seq_len", "grad_accum_base"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.schedule_steps < 0:
+            raise ConfigError(f"train.schedule_steps: must be >= 0 (0 = not stated), got {self.schedule_steps}")
         if self.checkpoint_every < 0 or self.checkpoint_keep < 1:
             raise ConfigError("train.checkpoint_every must be >= 0 (0 = on stop only) and train.checkpoint_keep >= 1")
         if self.collective_timeout_seconds <= 0:

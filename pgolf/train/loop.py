@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pgolf.config import RunConfig, to_dict
 from pgolf.data.loaders import TrainLoader, build_loader
-from pgolf.data.shards import resolve_shards
+from pgolf.data.shards import resolve_shards, shard_token_count
 from pgolf.errors import ConfigError, UserError
 from pgolf.eval.bpb import ByteCounter, load_byte_counter
 from pgolf.eval.standard import evaluate_standard, load_validation_tokens
@@ -92,6 +92,13 @@ class RunData:
     lut: ByteCounter  # the byte sidecar where the data has one, else the official LUT rule
     tokenizer_path: Path
     identity: dict  # what pgolf.data.identity checked: manifest, tokenizer sha256
+    val_tokens_total: int = 0  # tokens of the whole validation split (val_tokens may be a prefix of it)
+    max_val_tokens: int = 0  # eval.max_val_tokens
+
+    @property
+    def val_prefix(self) -> bool:
+        """True when eval.max_val_tokens cut the split: the scores are a comparison, not a val_bpb."""
+        return self.max_val_tokens > 0 and self.val_tokens_total - 1 > self.max_val_tokens
 
     @staticmethod
     def load(cfg: RunConfig) -> "RunData":
@@ -102,7 +109,8 @@ class RunData:
         val_len = max(cfg.train.train_seq_len, cfg.eval_seq_len)
         val_tokens = load_validation_tokens(val_files, val_len, cfg.eval.max_val_tokens)
         lut = load_byte_counter(sp, cfg.model.vocab_size, val_files, val_tokens, cfg.data.path)
-        return RunData(train_files, val_tokens, lut, tok_path, identity)
+        total = sum(shard_token_count(f) for f in val_files)
+        return RunData(train_files, val_tokens, lut, tok_path, identity, val_tokens_total=total, max_val_tokens=cfg.eval.max_val_tokens)
 
 
 class Trainer:
@@ -576,7 +584,7 @@ def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, data: RunData, resume_
 
 
 def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, predict_size, logger, signals, step_ref, gptq=None) -> dict:
-    from pgolf.eval.suite import final_evaluations
+    from pgolf.eval.suite import eval_estimate_line, final_evaluations
     from pgolf.submit.artifact import ARTIFACT_NAME, build_artifact, load_artifact_model, package_code_bytes
     from pgolf.train.checkpoint import config_hash
 
@@ -599,6 +607,10 @@ def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, pr
                    "shard headers checked, tokenizer not verified against the shards)")
     logger.log(f"train_loader:dataset:{Path(cfg.data.path).resolve().name} train_shards:{len(data.train_files)}")
     logger.log(f"val_loader:shards pattern={Path(cfg.data.path) / cfg.data.val_glob} tokens:{data.val_tokens.numel() - 1}")
+    if data.val_prefix:
+        logger.log(f"eval_prefix:targets:{data.val_tokens.numel() - 1} of:{data.val_tokens_total - 1} (eval.max_val_tokens="
+                   f"{cfg.eval.max_val_tokens}: every val_bpb of this run is a comparison on a prefix, not a score; "
+                   "--set eval.max_val_tokens=0 scores the whole split)")
     trainer.build()
     counts = count_parameters(trainer.base_model)
     logger.log(f"model_params:{counts['total']}")
@@ -634,6 +646,10 @@ def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, pr
         logger.log(f"compile_warmup_seconds:{warmup_s:.1f}")
     stats = trainer.loop(resume_state)
     tokens_seen = stats["steps"] * t.train_batch_tokens
+    if t.schedule_steps and stats["steps"] < t.schedule_steps // 2:
+        logger.log(f"WARNING: training stopped at step {stats['steps']}, far below the {t.schedule_steps} steps the step "
+                   f"schedules of profile {cfg.profile} assume (train.schedule_steps): the results describe an undertrained "
+                   "model; give it more time or set train.iterations with train.max_wallclock_seconds=0")
     if ctx.device.type == "cuda":
         logger.log(
             f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
@@ -646,8 +662,14 @@ def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, pr
     trainer.base_model.load_state_dict(export_state, strict=True)
     if trainer.qat is not None:
         trainer.qat.set_active(False)  # the float eval measures the weights, not their fake-quantised view
-    prequant = trainer.validate(trainer.base_model)
-    logger.log(f"DIAGNOSTIC post_avg val_loss:{prequant.val_loss:.4f} val_bpb:{prequant.val_bpb:.4f} eval_time:{1000 * prequant.seconds:.0f}ms")
+    trainer.train_tokens_per_second = tokens_seen / max(stats["train_seconds"], 1e-9)
+    prequant = None
+    if cfg.eval.diagnostic:
+        logger.log(eval_estimate_line("diagnostic", data.val_tokens.numel() - 1, trainer.train_tokens_per_second))
+        prequant = trainer.validate(trainer.base_model)
+        logger.log(f"DIAGNOSTIC post_avg val_loss:{prequant.val_loss:.4f} val_bpb:{prequant.val_bpb:.4f} eval_time:{1000 * prequant.seconds:.0f}ms")
+    else:
+        logger.log("DIAGNOSTIC post_avg skipped (eval.diagnostic=false)")
 
     # ---- artifact: quantise, compress, write; count bytes ----------------------------------------
     artifact_path = run_dir / ARTIFACT_NAME
@@ -706,11 +728,12 @@ def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, pr
         "tokens_seen": tokens_seen,
         "tokens_per_second": tokens_seen / max(stats["train_seconds"], 1e-9),
         "final_train_loss": stats["final_train_loss"],
-        "val_loss_prequant": prequant.val_loss,
-        "val_bpb_prequant": prequant.val_bpb,
+        "val_loss_prequant": prequant.val_loss if prequant is not None else None,
+        "val_bpb_prequant": prequant.val_bpb if prequant is not None else None,
         **finals,
-        "val_targets": prequant.targets,
-        "val_bytes": prequant.bytes,
+        "val_targets": finals["val_targets_roundtrip"],
+        "val_bytes": finals["val_bytes_roundtrip"],
+        "val_prefix": {"targets": data.val_tokens.numel() - 1, "of": data.val_tokens_total - 1} if data.val_prefix else None,
         "world_size": ctx.world_size,
         "device": str(ctx.device),
         "wall_seconds": time.perf_counter() - wall0,
