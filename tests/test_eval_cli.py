@@ -163,9 +163,10 @@ def test_two_ranks_give_the_single_process_result(bundle, tmp_path) -> None:
 
 
 def test_frozen_calibration_rates_equal_their_recomputation() -> None:
+    from pgolf.config import load_config
     from pgolf.eval.budget import EVAL_FLOPS_PER_SECOND, TTT_TRAIN_FLOPS_PER_SECOND, reference_rates
 
-    eval_rate, train_rate = reference_rates()
+    eval_rate, train_rate = reference_rates(load_config("pr401", "8xh100").model)
     assert EVAL_FLOPS_PER_SECOND == pytest.approx(eval_rate, rel=1e-12)
     assert TTT_TRAIN_FLOPS_PER_SECOND == pytest.approx(train_rate, rel=1e-12)
 

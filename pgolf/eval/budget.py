@@ -188,7 +188,7 @@ def phased_flops(model_cfg: ModelConfig, doc_lengths, seq_len: int, ttt: TTTConf
     return score, sgd
 
 
-# The two rates below are ``reference_rates()`` evaluated once and frozen: the FLOPs that the
+# The two rates below are ``reference_rates(pr401 model)`` evaluated once and frozen: the FLOPs that the
 # PR #401 model at seq 2048 (pgolf's pr401 preset) spends on the calibration evaluations, divided
 # by their logged times. Freezing them keeps a training run (and a bundled train_gpt.py) from
 # rebuilding the reference model; a test checks they still equal reference_rates().
@@ -198,11 +198,9 @@ TTT_TRAIN_FLOPS_PER_SECOND = 1.6586687907361725e14
 PHASED_SCORE_FLOPS_PER_SECOND = 8.59e14
 
 
-def reference_rates() -> tuple[float, float]:
-    """(eval FLOP/s, TTT-training FLOP/s) on 8 x H100, recomputed from the two logged records."""
-    from pgolf.config import load_config
-
-    ref = load_config("pr401", "8xh100").model
+def reference_rates(ref: ModelConfig) -> tuple[float, float]:
+    """(eval FLOP/s, TTT-training FLOP/s) on 8 x H100, recomputed from the two logged records;
+    ``ref`` is the model they ran (the pr401 preset's; the caller loads it, eval sits below config)."""
     eval_flops = sliding_flops(ref, OFFICIAL_VAL_TARGETS, CALIB_SEQ_LEN, CALIB_STRIDE)
     eval_rate = eval_flops / CALIB_SLIDING_SECONDS
     ttt = TTTConfig(mode="sgd", chunk_tokens=CALIB_TTT_CHUNK, epochs=CALIB_TTT_EPOCHS)
