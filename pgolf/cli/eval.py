@@ -126,6 +126,7 @@ def load_eval_inputs(args: argparse.Namespace, device):
                         "pass the validation shards, e.g. --val 'DATA/fineweb_val_*.bin' (or --allow-train-shards to score them anyway)")
     model, meta = load_artifact_model(args.artifact, device)
     model.eval()
+    model.set_eval_temperature(float(meta.get("eval_temperature", 1.0)))  # eval.temperature of the run
     check_artifact_tokenizer(meta, args.tokenizer)
     sp = load_tokenizer(args.tokenizer, model.cfg.vocab_size)
     seq_len = args.seq_len or int(meta.get("eval_seq_len") or meta.get("train_seq_len") or 1024)

@@ -59,6 +59,7 @@ def load_run(run_dir: Path, overrides: list[str], quant_preset: str | None = Non
             raise ConfigError(f"--set {key}: export can only change quant.* (and data.* for calibration) keys; the model is fixed")
         set_value(cfg, key, value)
     cfg.validate()
+    cfg.model = cfg.model.export_config()  # the raw file holds the exported model (no MTP heads, effective weights)
     meta, qtensors = read_artifact(raw_path)
     if not meta.get("raw"):
         raise ArtifactError(f"{raw_path}: not a raw-weights file")
@@ -96,6 +97,7 @@ def _evaluate(model, cfg, device) -> float:
     val = load_validation_tokens(val_files, cfg.eval_seq_len, cfg.eval.max_val_tokens)
     lut = load_byte_counter(sp, cfg.model.vocab_size, val_files, val, cfg.data.path)
     model.eval()
+    model.set_eval_temperature(cfg.eval.temperature)
     res = evaluate_standard(model.token_nll, val, cfg.eval_seq_len, lut, batch_tokens=cfg.eval.val_batch_tokens, device=device,
                             autocast_dtype=autocast_dtype(cfg.train, device), progress=True)
     return res.val_bpb

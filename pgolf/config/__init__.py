@@ -45,7 +45,15 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         for name in SECTIONS:
             getattr(self, name).validate()
+        self.check_switches()
         return self
+
+    def check_switches(self) -> None:
+        """Experiment switches (issue 16) that depend on another section."""
+        if self.model.tanh_reparam > 0 and self.quant.qat != "off":
+            raise ConfigError("model.tanh_reparam: QAT's grid reads the raw master weight, not a*tanh(W/a); set quant.qat=off or model.tanh_reparam=0")
+        if self.train.seq_len_schedule and getattr(self.data, "loader", "stream") != "stream":
+            raise ConfigError(f"train.seq_len_schedule: needs data.loader=stream (data.loader={self.data.loader} fixes its sequence length)")
 
     @property
     def eval_seq_len(self) -> int:

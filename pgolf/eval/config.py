@@ -24,6 +24,9 @@ class EvalConfig:
     sliding_batch_windows: int = 32  # windows per forward on each rank
     max_val_tokens: int = 0  # 0 = the whole validation split; > 0 scores a labelled prefix (a comparison, not a score)
     diagnostic: bool = True  # the pre-quantisation eval of the exported weights (DIAGNOSTIC post_avg, val_bpb_prequant)
+    # Experiment switch (issue 16): score softmax(logits / T) in every evaluation (standard, sliding,
+    # TTT scoring and TTT's own loss): GPT.set_eval_temperature; 1 = off (bit-identical).
+    temperature: float = 1.0
 
     def validate(self) -> None:
         from pgolf.errors import ConfigError
@@ -34,6 +37,8 @@ class EvalConfig:
             raise ConfigError(f"eval.sliding_stride: must be >= 0, got {self.sliding_stride}")
         if self.val_batch_tokens < 1 or self.sliding_batch_windows < 1:
             raise ConfigError("eval.val_batch_tokens and eval.sliding_batch_windows must be >= 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"eval.temperature: must be > 0 (1 = off), got {self.temperature}")
 
 
 @dataclass(kw_only=True)
@@ -81,6 +86,9 @@ class TTTConfig:
     phases: int = 3  # global SGD phases at floor(prefix_docs * (k + 1) / phases)
     global_lr: float = 0.001  # cosine over the chunks of chunk_tokens, the last chunk skipped
     global_epochs: int = 1
+    # Experiment switch (issue 16): SAM during TTT's SGD steps (sgd, lora and phased's global SGD):
+    # the gradient of each step is taken at w + sam_rho * g / ||g||; 0 = off.
+    sam_rho: float = 0.0
 
     @property
     def effective_lr(self) -> float:
@@ -97,6 +105,8 @@ class TTTConfig:
             raise ConfigError("ttt.lr, ttt.lora_lr and ttt.grad_clip must be >= 0 and ttt.momentum in [0, 1)")
         if self.seq_len < 0:
             raise ConfigError(f"ttt.seq_len: must be >= 0 (0 = the eval seq len), got {self.seq_len}")
+        if self.sam_rho < 0:
+            raise ConfigError(f"ttt.sam_rho: must be >= 0 (0 = off), got {self.sam_rho}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             raise ConfigError("ttt.lora_rank must be >= 1 and ttt.lora_alpha > 0")
         if self.mode == "lora" and not self.lora_targets:

@@ -320,7 +320,7 @@ class PhasedTTT:
             lr = c.global_lr * 0.5 * (1.0 + math.cos(math.pi * ch / (n_chunks - 1)))
             steps += sgd_pass(self.model, params, opt, x_all, y_all, lr=lr, epochs=c.global_epochs, batch_seqs=c.batch_seqs,
                               grad_clip=c.grad_clip, rank=self.rank, world_size=self.world_size, device=self.device,
-                              autocast_dtype=self.autocast_dtype)
+                              autocast_dtype=self.autocast_dtype, sam_rho=c.sam_rho)
         del opt
         self.model.requires_grad_(False)
         self.model.eval()

@@ -206,7 +206,7 @@ class ScoreFirstTTT:
         self.steps += sgd_pass(
             self.model, self.params, self.optimizer, x_all, y_all, lr=self.chunk_lr(c), epochs=self.cfg.epochs,
             batch_seqs=self.cfg.batch_seqs, grad_clip=self.cfg.grad_clip, rank=self.rank, world_size=self.world_size,
-            device=self.device, autocast_dtype=self.autocast_dtype,
+            device=self.device, autocast_dtype=self.autocast_dtype, sam_rho=self.cfg.sam_rho,
         )
         self.trained_chunks += 1
         self.train_seconds += time.perf_counter() - t0
@@ -270,27 +270,61 @@ def sgd_pass(
     world_size: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    sam_rho: float = 0.0,
 ) -> int:
     """``epochs`` passes over the sequences in order, ``batch_seqs`` per optimizer step over all
     ranks (split contiguously), the mean token loss of the step's sequences, gradients summed over
-    ranks, global-norm clip, one step; returns the number of steps."""
+    ranks, global-norm clip, one step; returns the number of steps. ``sam_rho`` > 0 (ttt.sam_rho):
+    each step's gradient is taken at the SAM-perturbed weights (:func:`sam_gradients`)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     n_seq, T = x_all.shape
+    gradients = plain_gradients if sam_rho <= 0 else sam_gradients  # chosen once, not per step
     steps = 0
     for _ in range(epochs):
         for b0 in range(0, n_seq, batch_seqs):
             nb = min(batch_seqs, n_seq - b0)
             r_lo, r_hi = rank_slice(nb, rank, world_size)
-            if r_hi > r_lo:
-                x = x_all[b0 + r_lo : b0 + r_hi].to(device)
-                y = y_all[b0 + r_lo : b0 + r_hi].to(device)
-                with autocast_context(device, autocast_dtype):
-                    loss = model.token_nll(x, y, 0).float().sum() / (nb * T)
-                loss.backward()
+
+            def backward(r_lo=r_lo, r_hi=r_hi, b0=b0, nb=nb) -> None:
+                if r_hi > r_lo:
+                    x = x_all[b0 + r_lo : b0 + r_hi].to(device)
+                    y = y_all[b0 + r_lo : b0 + r_hi].to(device)
+                    with autocast_context(device, autocast_dtype):
+                        loss = model.token_nll(x, y, 0).float().sum() / (nb * T)
+                    loss.backward()
+
+            gradients(params, backward, sam_rho, world_size)
             optimizer_step(params, optimizer, grad_clip, world_size)
             steps += 1
     return steps
+
+
+def plain_gradients(params: list[nn.Parameter], backward, rho: float, world_size: int) -> None:
+    """This rank's gradient at the current weights."""
+    backward()
+
+
+def sam_gradients(params: list[nn.Parameter], backward, rho: float, world_size: int) -> None:
+    """SAM (Foret et al. 2021): g = the gradient at w (summed over ranks, so every rank perturbs
+    alike), e = rho * g / ||g|| (global L2 norm), then ``p.grad`` = this rank's gradient at w + e;
+    the weights are restored exactly (copied back) before the caller's optimizer step."""
+    backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        for g in grads:
+            dist.all_reduce(g, op=dist.ReduceOp.SUM)
+    norm = torch.sqrt(sum(g.to(torch.promote_types(g.dtype, torch.float32)).square().sum() for g in grads))
+    scale = rho / (norm + 1e-12)
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.add_(g * scale.to(g.dtype))
+            p.grad = None
+    backward()
+    with torch.no_grad():
+        for p, w in zip(params, saved):
+            p.copy_(w)
 
 
 def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float, world_size: int) -> None:

@@ -56,6 +56,11 @@ def resolve_attention_kernel(backend: str, device: torch.device | str | None = N
     return flash3_attention
 
 
+def unmixed_values(attn: nn.Module, v: Tensor) -> Tensor:
+    """The value mix when value residual learning is off (see ``pgolf.model.value_residual``)."""
+    return v
+
+
 def ungated(attn: nn.Module, y: Tensor, x: Tensor, q_raw: Tensor) -> Tensor:
     """The attention output gate when none is configured (see ``pgolf.model.gates``)."""
     return y
@@ -96,6 +101,7 @@ class CausalSelfAttention(nn.Module):
 
             self.xsa = ExclusiveSelfAttention()
         self.kernel = kernel
+        self.value_mix = unmixed_values  # GPT attaches value residual learning (VRL) when configured
         # A plain function chosen here (not a branch in forward); the parameters sit on this module.
         self.output_gate = ungated
         if out_gate != "none":
@@ -113,6 +119,7 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x)
         if value_embed is not None:
             v = v + value_embed
+        v = self.value_mix(self, v)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         q = self.rotary(F.rms_norm(q, (q.size(-1),)))
         k = self.rotary(F.rms_norm(k, (k.size(-1),)))

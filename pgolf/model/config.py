@@ -33,6 +33,10 @@ CONTROL_TENSOR_PATTERNS = (
 )
 
 
+# model.mlp_kind=swiglu rounds its hidden width to a multiple of this (ModelConfig.swiglu_hidden).
+SWIGLU_MULTIPLE = 32
+
+
 def is_control_tensor(name: str) -> bool:
     return any(pattern in name for pattern in CONTROL_TENSOR_PATTERNS)
 
@@ -111,6 +115,17 @@ class ModelConfig:
     # cu_seqlens, 2048); the segments come from the ids. FlashAttention varlen on CUDA when
     # importable, an exact PyTorch equivalent elsewhere (pgolf.model.attention.DocumentAttention).
     doc_attention_window: int = 0
+    # --- experiment switches (issue 16; off in every preset, README "Experiment switches") -------
+    # Multi-token prediction: mtp_heads extra heads (head k predicts token t+1+k from position t's
+    # final hidden state), their mean CE times mtp_weight added to the training loss only; the heads
+    # are training-only tensors, dropped from the artifact (pgolf.model.export_view).
+    mtp_heads: int = 0
+    mtp_weight: float = 0.2
+    # MLP kind: relu2 (fc -> mlp_activation -> proj), swiglu (silu(gate x) * fc x -> proj at
+    # hidden swiglu_hidden, equal parameters) or star_relu (s * relu(fc x)^2 + b -> proj).
+    mlp_kind: str = "relu2"
+    value_residual: bool = False  # VRL: v <- l0 * v + l1 * v_first in every block after the first
+    tanh_reparam: float = 0.0  # a > 0: block matrices used as a * tanh(W / a) (|W_eff| < a); 0 = off
 
     @property
     def head_dim(self) -> int:
@@ -123,6 +138,26 @@ class ModelConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.mlp_mult * self.model_dim)
+
+    @property
+    def swiglu_hidden(self) -> int:
+        """SwiGLU width at the relu^2 MLP's parameter count (3 d h' = 2 d h): 2/3 of mlp_hidden,
+        rounded to the nearest multiple of SWIGLU_MULTIPLE (at least one multiple)."""
+        return max(SWIGLU_MULTIPLE, round(2 * self.mlp_hidden / (3 * SWIGLU_MULTIPLE)) * SWIGLU_MULTIPLE)
+
+    def export_config(self) -> "ModelConfig":
+        """The config of the exported model: the training-only switches off (no MTP heads; tanh
+        reparameterised weights are exported as their effective values, see export_view)."""
+        from dataclasses import replace
+
+        return replace(self, mtp_heads=0, tanh_reparam=0.0)
+
+    def decoder_only_blocks(self) -> list[int]:
+        """Physical blocks that run only in the decoder half of the (loops-on) virtual layer list:
+        num_layers // 2 .. num_layers - 1 without loops (optim.decoder_lr_mult scales their matrices)."""
+        layers = self.virtual_layers(looping=True)
+        n_enc = len(layers) // 2
+        return sorted(set(layers[n_enc:]) - set(layers[:n_enc]))
 
     @property
     def effective_rope_dims(self) -> int:
@@ -220,3 +255,19 @@ class ModelConfig:
             raise bad("attention_backend", f"must be auto, sdpa or flash3, got {self.attention_backend!r}")
         if self.doc_attention_window < 0:
             raise bad("doc_attention_window", f"must be 0 (off) or a positive number of tokens, got {self.doc_attention_window}")
+        self.validate_switches(bad)
+
+    def validate_switches(self, bad) -> None:
+        """The experiment switches of issue 16."""
+        if self.mtp_heads < 0:
+            raise bad("mtp_heads", f"must be >= 0 (0 = off), got {self.mtp_heads}")
+        if self.mtp_weight < 0:
+            raise bad("mtp_weight", f"must be >= 0, got {self.mtp_weight}")
+        if self.mlp_kind not in ("relu2", "swiglu", "star_relu"):
+            raise bad("mlp_kind", f"must be relu2, swiglu or star_relu, got {self.mlp_kind!r}")
+        if self.mlp_kind != "relu2" and self.mlp_activation != "relu2":
+            raise bad("mlp_kind", f"{self.mlp_kind} has its own activation; set model.mlp_activation=relu2 (got {self.mlp_activation!r})")
+        if self.value_residual and self.num_loops and self.loop_start == 0:
+            raise bad("value_residual", "block 0 produces the first values and must run once; set model.loop_start >= 1")
+        if self.tanh_reparam < 0:
+            raise bad("tanh_reparam", f"must be 0 (off) or the bound a > 0, got {self.tanh_reparam}")

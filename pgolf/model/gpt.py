@@ -12,6 +12,8 @@ Forward pass (ids [B, T]):
   decoder step j: x = merge_skip(j, x, stack.pop()) (while the stack lasts), then its block;
   the last decoder steps may run as two lanes (attention lane, MLP lane), averaged at the end;
   final RMSNorm -> logits = x @ E^T (tied) -> 30 * tanh(logits / 30) -> cross-entropy in fp32
+  (training adds the MTP heads' loss when configured; evaluation divides the logits by
+  eval.temperature when it is not 1, through ``set_eval_temperature``)
 
 Every choice (loops, residual form, skip rule, gates, smear) is made at build time: a list of
 layer indices or a plain function stored on the module, never a branch on the config in forward.
@@ -73,7 +75,12 @@ class Block(nn.Module):
             gate_src=cfg.attn_out_gate_src,
             gate_scale=cfg.sparse_gate_scale,
         )
-        self.mlp = MLP(dim, cfg.mlp_hidden, cfg.mlp_activation, cfg.leaky_relu_slope)
+        if cfg.mlp_kind == "relu2":
+            self.mlp: nn.Module = MLP(dim, cfg.mlp_hidden, cfg.mlp_activation, cfg.leaky_relu_slope)
+        else:  # swiglu | star_relu (experiment switch, pgolf.model.mlp_variants)
+            from pgolf.model.mlp_variants import build_mlp_variant
+
+            self.mlp = build_mlp_variant(cfg.mlp_kind, dim, cfg.mlp_hidden, cfg.swiglu_hidden)
         self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
@@ -97,6 +104,16 @@ class Block(nn.Module):
 def unsmeared(model: nn.Module, x: Tensor, ids: Tensor) -> Tensor:
     """The raw-embedding smear when SmearGate v2 is off."""
     return x
+
+
+def untempered(model: nn.Module, logits: Tensor) -> Tensor:
+    """``GPT.temper_logits`` at eval.temperature = 1: the logits unchanged (bit-identical)."""
+    return logits
+
+
+def tempered(model: nn.Module, logits: Tensor) -> Tensor:
+    """``GPT.temper_logits`` at eval.temperature = T != 1: logits / T before the softmax."""
+    return logits / model.eval_temperature
 
 
 def unadapted_logits(model: nn.Module, hidden: Tensor, logits: Tensor) -> Tensor:
@@ -146,6 +163,10 @@ class GPT(nn.Module):
             self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim, dtype=torch.float32))
             self.merge_skip = gated_skip
         self.blocks = nn.ModuleList([Block(cfg, i, kernel) for i in range(cfg.num_layers)])
+        if cfg.value_residual:  # VRL: later blocks mix in block 0's values (pgolf.model.value_residual)
+            from pgolf.model.value_residual import attach_value_residual
+
+            attach_value_residual(self.blocks)
         if cfg.parallel_residual == "two_lane":
             # Rows of layers before parallel_start exist but are unused (as in the records).
             self.parallel_post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2, 2, dtype=torch.float32))
@@ -166,7 +187,25 @@ class GPT(nn.Module):
         self.ve_slot = [ve_layers.index(i) if i in ve_layers else -1 for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm()
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+        # Training-only multi-token prediction heads (never exported; pgolf.model.mtp).
+        self.mtp_heads: nn.Module = Passthrough()
+        if cfg.mtp_heads > 0:
+            from pgolf.model.mtp import MTPHeads
+
+            with torch.random.fork_rng(devices=[]):  # zero heads: the trunk's seeded init is unchanged
+                self.mtp_heads = MTPHeads(cfg.mtp_heads, cfg.model_dim, cfg.vocab_size, cfg.mtp_weight)
+        if cfg.tanh_reparam > 0:  # W_eff = a tanh(W / a) on the block matrices (pgolf.model.export_view)
+            from pgolf.model.export_view import attach_tanh_reparam
+
+            attach_tanh_reparam(self, cfg.tanh_reparam)
+        self.set_eval_temperature(1.0)
         self.init_weights()
+
+    def set_eval_temperature(self, temperature: float) -> None:
+        """eval.temperature: ``token_nll`` (every evaluation: standard, sliding, TTT) scores
+        softmax(logits / T); T = 1 keeps the logits untouched. ``forward`` (training) never divides."""
+        self.eval_temperature = float(temperature)
+        self.temper_logits = untempered if self.eval_temperature == 1.0 else tempered
 
     def set_looping(self, active: bool) -> None:
         """Choose the virtual layer list (loops on or off) and cut it into the encoder steps, the
@@ -211,6 +250,9 @@ class GPT(nn.Module):
           ``attn.attn_gate_w``: dense N(0, dense_gate_init_std^2) (0.01), sparse
           N(0, sparse_gate_init_std^2) or zeros when that std is 0 (g = 0.5).
         * SmearGate v2: ``smear_gate.weight`` zeros (zero_init), ``smear_lambda`` zero (identity).
+        * experiment switches: ``mtp_heads.{k}.weight`` zeros (zero_init); SwiGLU ``mlp.gate`` as
+          the other linears, its ``mlp.proj`` zeros; StarReLU ``mlp.star_scale`` one and
+          ``mlp.star_bias`` zero (the relu^2 MLP at init); ``attn.vr_lambda`` (0.5, 0.5).
         """
         cfg = self.cfg
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
@@ -262,6 +304,11 @@ class GPT(nn.Module):
             block.resid_mix[0].fill_(1.0)
             block.resid_mix[1].fill_(0.0)
             block.attn.q_gain.fill_(cfg.qk_gain_init)
+            if cfg.mlp_kind == "star_relu":
+                block.mlp.star_scale.fill_(1.0)
+                block.mlp.star_bias.fill_(0.0)
+            if hasattr(block.attn, "vr_lambda"):
+                block.attn.vr_lambda.copy_(torch.tensor((0.5, 0.5)))
 
     # --------------------------------------------------------------------------------------------
     def value_embeds(self, ids: Tensor, dtype: torch.dtype) -> list[Tensor | None]:
@@ -310,15 +357,18 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap)
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy (nats) over all positions."""
-        logits = self.logits(self.forward_hidden(ids))
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        """Mean next-token cross-entropy (nats) over all positions: the training loss (plus the
+        MTP heads' weighted loss when configured; a Passthrough otherwise)."""
+        hidden = self.forward_hidden(ids)
+        logits = self.logits(hidden)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return self.mtp_heads(loss, hidden, targets, self.cfg.logit_softcap)
 
     def token_nll(self, ids: Tensor, targets: Tensor, first_scored: int = 0) -> Tensor:
         """Per-token NLL [B, T - first_scored] of positions first_scored..T-1; the LM head and the
         cross-entropy run only on those positions."""
         hidden = self.forward_hidden(ids)[:, first_scored:]
-        logits = self.logits(hidden)
+        logits = self.temper_logits(self, self.logits(hidden))
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, first_scored:].reshape(-1), reduction="none")
         return nll.view(hidden.shape[:2])
 
@@ -337,10 +387,12 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> GPT:
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Total and per top-level group (tok_emb, blocks, skip_weights, bigram, smear, ve_*, lm_head)."""
+    """Total and per top-level group (tok_emb, blocks, skip_weights, bigram, smear, ve_*, lm_head).
+    The total counts the exported model: training-only MTP heads are listed as ``mtp_heads``
+    (training only) but not in ``total``."""
     groups: dict[str, int] = {}
     for name, p in model.named_parameters():
         top = name.split(".")[0]
         groups[top] = groups.get(top, 0) + p.numel()
     groups = dict(sorted(groups.items()))
-    return {"total": sum(groups.values()), **groups}
+    return {"total": sum(v for k, v in groups.items() if k != "mtp_heads"), **groups}

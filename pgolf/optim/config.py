@@ -43,6 +43,9 @@ class OptimConfig:
     embed_wd: float = -1.0  # token-group AdamW WD (R3+: 0.085); -1 = adam_wd
     scalar_wd: float = -1.0  # scalar-group AdamW WD (R3+: 0.02); -1 = adam_wd
     grad_clip_norm: float = 0.0  # global L2 norm over all parameters; 0 = off
+    # Experiment switch (issue 16): the matrix LR of the blocks that run only in the U-Net decoder
+    # half (ModelConfig.decoder_only_blocks) is matrix_lr * decoder_lr_mult; 1 = off.
+    decoder_lr_mult: float = 1.0
 
     def validate(self) -> None:
         from pgolf.errors import ConfigError
@@ -52,6 +55,8 @@ class OptimConfig:
         for key in ("matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr", "muon_wd", "adam_wd"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
+        if not self.decoder_lr_mult > 0:
+            raise ConfigError(f"optim.decoder_lr_mult: must be > 0 (1 = off), got {self.decoder_lr_mult}")
         if self.muon_backend_steps < 1:
             raise ConfigError(f"optim.muon_backend_steps: must be >= 1, got {self.muon_backend_steps}")
         for key in ("embed_wd", "scalar_wd"):

@@ -10,6 +10,10 @@ The rule reproduces all three submissions and the baseline:
 * scalar group (Adam/AdamW at scalar_lr): everything else: 1-D/0-D parameters and the control
   tensors (``resid_mix`` is 2-D but a control tensor), ``skip_weights``, ``smear.gate``, scales.
 
+With ``optim.decoder_lr_mult`` != 1 (an experiment switch, off in every preset) the matrix
+optimizer has two parameter groups: the matrices of the decoder-only blocks
+(``ModelConfig.decoder_only_blocks``) at matrix_lr * decoder_lr_mult, and the rest at matrix_lr.
+
 Adam groups are ``torch.optim.AdamW`` (weight decay 0 makes it plain Adam): the token group decays
 with ``embed_wd``, the scalar group with ``scalar_wd`` (R3+ use 0.085 / 0.02), the head group with
 ``adam_wd``; embed_wd / scalar_wd = -1 fall back to adam_wd. Every group records ``base_lr`` so the
@@ -73,7 +77,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tied_embeddings: bool, 
     optimizers: list[torch.optim.Optimizer] = [adam(groups.token, token_lr, cfg.group_wd("embed_wd"))]
     if groups.head:
         optimizers.append(adam(groups.head, cfg.head_lr, cfg.adam_wd))
-    matrix_params = [p for _, p in groups.matrix]
+    matrix_params = matrix_param_groups(model, groups.matrix, cfg)
     if cfg.matrix_optimizer == "normuon":
         if cfg.muon_wd:
             from pgolf.errors import ConfigError
@@ -98,11 +102,29 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tied_embeddings: bool, 
             layout=cfg.muon_layout,
         )
     for group in matrix_opt.param_groups:
-        group["base_lr"] = cfg.matrix_lr
+        group.setdefault("base_lr", cfg.matrix_lr)
         group["base_weight_decay"] = cfg.muon_wd  # the WD taper sets weight_decay = base * multiplier
     optimizers.append(matrix_opt)
     optimizers.append(adam(groups.scalar, cfg.scalar_lr, cfg.group_wd("scalar_wd")))
     return optimizers
+
+
+def decoder_matrix_names(model: nn.Module, matrix: list[tuple[str, nn.Parameter]]) -> list[str]:
+    """Names of the matrix-group parameters inside the decoder-only blocks of ``model``."""
+    prefixes = tuple(f"blocks.{i}." for i in model.cfg.decoder_only_blocks())
+    return [name for name, _ in matrix if name.startswith(prefixes)]
+
+
+def matrix_param_groups(model: nn.Module, matrix: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> list:
+    """The matrix optimizer's params: one list, or (decoder_lr_mult != 1) two groups with their base LRs."""
+    if cfg.decoder_lr_mult == 1.0:
+        return [p for _, p in matrix]
+    decoder = set(decoder_matrix_names(model, matrix))
+    rest_lr, dec_lr = cfg.matrix_lr, cfg.matrix_lr * cfg.decoder_lr_mult
+    return [
+        {"params": [p for n, p in matrix if n not in decoder], "lr": rest_lr, "base_lr": rest_lr},
+        {"params": [p for n, p in matrix if n in decoder], "lr": dec_lr, "base_lr": dec_lr},
+    ]
 
 
 def matrix_optimizer(optimizers: list[torch.optim.Optimizer]) -> torch.optim.Optimizer:

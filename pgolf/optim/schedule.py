@@ -52,6 +52,11 @@ def lr_scale_frac(frac: float, warmdown_frac: float, min_lr: float) -> float:
     return max((1.0 - frac) / warmdown_frac, min_lr)
 
 
+def lr_scale_d2z(frac: float) -> float:
+    """D2Z (train.lr_schedule=d2z): linear decay to zero over the whole run, 1 - frac, at least 0."""
+    return max(1.0 - frac, 0.0)
+
+
 def muon_wd_multiplier(frac: float, taper_start: float, taper_final: float) -> float:
     """Muon WD taper (PR #1729 record): 1 up to frac = taper_start, then linear to taper_final at
     frac = 1 (held there after). taper_start >= 1 or taper_final == 1 is off."""

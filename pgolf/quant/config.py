@@ -60,6 +60,10 @@ class QuantConfig:
     # Quantisation-aware training: off | always (PR #89) | late (switch on when LR scale < threshold).
     qat: str = "off"
     qat_threshold: float = 0.15
+    # Experiment switches (issue 16): KURE kurtosis and R2 per-row range penalties on the block
+    # matrices, added to the training loss with these weights (pgolf.quant.penalties); 0 = off.
+    kure_weight: float = 0.0
+    r2_weight: float = 0.0
     # GPTQ: off | full (Hessian from calibration activations, Cholesky error feedback).
     gptq: str = "off"
     gptq_calib_source: str = "train"  # train | self (self-generated sequences); never validation
@@ -105,6 +109,9 @@ class QuantConfig:
 
         from pgolf.quant.formats import parse_format
 
+        for key in ("kure_weight", "r2_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"quant.{key}: must be >= 0 (0 = off), got {getattr(self, key)}")
         for key in ("embed_format", "attn_format", "mlp_format", "other_format", "small_format", "control_format"):
             try:
                 parse_format(getattr(self, key))

@@ -51,11 +51,12 @@ RECORDS = {
 
 
 def _meta_state(cfg) -> dict[str, torch.Tensor]:
-    """The model's state dict on the meta device (shapes and dtypes, no data)."""
+    """The exported model's state dict on the meta device (shapes and dtypes, no data; training-only
+    tensors such as MTP heads are not in the artifact)."""
     from pgolf.model.gpt import GPT
 
     with torch.device("meta"):
-        model = GPT(cfg.model)
+        model = GPT(cfg.model.export_config())
     return dict(model.state_dict())
 
 

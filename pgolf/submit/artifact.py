@@ -75,7 +75,12 @@ def build_artifact(
 ) -> tuple[ArtifactReport, list[QTensor]]:
     """Quantise ``state_dict`` by ``qcfg`` (GPTQ for the weights that have a Hessian in
     ``hessians``), write the container to ``path`` atomically, and re-read it: the report's
-    choices come from the file itself, and a file that does not decode is never reported as fine."""
+    choices come from the file itself, and a file that does not decode is never reported as fine.
+    Training-only parts are left out first (``pgolf.model.export_view``: MTP heads dropped, tanh-
+    reparameterised weights stored as their effective values, the meta's config the plain model's)."""
+    from pgolf.model.export_view import artifact_view
+
+    state_dict, model_cfg = artifact_view(state_dict, model_cfg)
     cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
     qtensors = quantize_state_dict(cpu_state, qcfg, hessians)
     extra = {**(meta_extra or {}), "code_bytes": code_bytes, "budget_bytes": qcfg.budget_bytes, "gptq": bool(hessians)}

@@ -39,6 +39,18 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoint_keep: int = 2
     collective_timeout_seconds: float = 600.0  # a rank that dies or hangs ends the others after this
+    # --- experiment switches (issue 16; off in every preset) ------------------------------------
+    # wallclock_warmdown: the warmdown rules above (warmdown_frac, else warmdown_iters); d2z: the
+    # LR scale decays linearly from 1 to 0 over the whole run, 1 - f (f = the training fraction),
+    # and the warmdown keys are ignored.
+    lr_schedule: str = "wallclock_warmdown"
+    # "LEN:FRAC,...": sequence length LEN from training fraction FRAC on (pgolf.train.curriculum);
+    # the last LEN must be train_seq_len; "" = off (train_seq_len throughout).
+    seq_len_schedule: str = ""
+    # Batch warm-up: the global batch ramps linearly from batch_warmup_tokens to train_batch_tokens
+    # over batch_warmup_steps steps, in multiples of train_batch_tokens / 8; 0 = off.
+    batch_warmup_tokens: int = 0
+    batch_warmup_steps: int = 0
     # The step count the step-based schedules (warmdown_iters, momentum warm-up, SWA cadence) were
     # scaled for (a profile's [scale]); a run that stops below half of it warns. 0 = not stated.
     schedule_steps: int = 0
@@ -59,6 +71,20 @@ class TrainConfig:
             raise ConfigError(f"train.warmdown_frac: must be in [0, 1] (0 = use warmdown_iters), got {self.warmdown_frac}")
         if not 0.0 <= self.min_lr <= 1.0:
             raise ConfigError(f"train.min_lr: must be in [0, 1] (a floor on the LR multiplier), got {self.min_lr}")
+        if self.lr_schedule not in ("wallclock_warmdown", "d2z"):
+            raise ConfigError(f"train.lr_schedule: must be wallclock_warmdown or d2z, got {self.lr_schedule!r}")
+        if self.seq_len_schedule:
+            from pgolf.train.curriculum import parse_seq_len_schedule
+
+            stages = parse_seq_len_schedule(self.seq_len_schedule)
+            if stages[-1][1] != self.train_seq_len:
+                raise ConfigError(f"train.seq_len_schedule: the last length must be train.train_seq_len={self.train_seq_len}, got {stages[-1][1]}")
+        if self.batch_warmup_tokens < 0 or self.batch_warmup_steps < 0:
+            raise ConfigError("train.batch_warmup_tokens and train.batch_warmup_steps must be >= 0 (0 = off)")
+        if (self.batch_warmup_tokens > 0) != (self.batch_warmup_steps > 0):
+            raise ConfigError("train.batch_warmup_tokens and train.batch_warmup_steps go together: set both (> 0) or both to 0")
+        if self.batch_warmup_tokens > self.train_batch_tokens:
+            raise ConfigError(f"train.batch_warmup_tokens: must be <= train.train_batch_tokens={self.train_batch_tokens}, got {self.batch_warmup_tokens}")
         for key, allowed in (
             ("compile", ("auto", "on", "off")),
             ("autocast", ("auto", "bf16", "off")),

@@ -31,9 +31,10 @@ from pgolf.eval.bpb import ByteCounter, load_byte_counter
 from pgolf.eval.standard import evaluate_standard, load_validation_tokens
 from pgolf.model.gpt import build_model, count_parameters
 from pgolf.optim.groups import build_optimizers, matrix_optimizer, replicated_parameters
-from pgolf.optim.schedule import lr_scale, lr_scale_frac, muon_momentum, muon_wd_multiplier, training_fraction
+from pgolf.optim.schedule import lr_scale, lr_scale_d2z, lr_scale_frac, muon_momentum, muon_wd_multiplier, training_fraction
 from pgolf.quant.codecs import require_export_libraries
 from pgolf.train.averaging import WeightAverager
+from pgolf.train.curriculum import Curriculum
 from pgolf.train.distributed import DistContext, barrier, init_distributed, seed_everything, shutdown_distributed
 from pgolf.train.logger import RunLogger, environment_info
 from pgolf.train.setup import apply_precision, autocast_dtype, configure_backends, maybe_compile, use_compile
@@ -120,6 +121,7 @@ class Trainer:
         self.device = ctx.device
         self.amp_dtype = autocast_dtype(cfg.train, self.device)
         self.accum = grad_accum_steps(cfg, ctx.world_size)
+        self.curriculum = Curriculum(cfg.train, ctx.world_size, self.accum)  # batch and length of each step
         self.gptq_reserve: float | None = None  # set by the GPTQ preflight (pgolf.quant.reserve) before the clock starts
 
     # --------------------------------------------------------------------------------------------
@@ -127,6 +129,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         seed_everything(cfg.train.seed)
         self.base_model = build_model(cfg.model, self.device)
+        self.base_model.set_eval_temperature(cfg.eval.temperature)  # token_nll only: training uses forward
         # Layer loops switch on at a training fraction; the model is built in its evaluation state
         # (loops on), so training starts from the loop-free list (frontier.md 3.1).
         self.loops_pending = cfg.model.num_loops > 0 and cfg.model.loop_enable_at > 0
@@ -149,6 +152,11 @@ class Trainer:
         self.optimizers = build_optimizers(self.base_model, cfg.optim, cfg.model.tie_embeddings, fused=self.device.type == "cuda")
         self.muon = matrix_optimizer(self.optimizers)
         self.replicated = replicated_parameters(self.optimizers)
+        self.weight_penalty = None  # quant.kure_weight / r2_weight (experiment switches, pgolf.quant.penalties)
+        if cfg.quant.kure_weight or cfg.quant.r2_weight:
+            from pgolf.quant.penalties import build_weight_penalty
+
+            self.weight_penalty = build_weight_penalty(cfg.quant, self.base_model)
 
     def make_loader(self) -> TrainLoader:
         m = self.cfg.model
@@ -156,17 +164,25 @@ class Trainer:
                             doc_window=m.doc_attention_window, bos_id=m.bos_id, rope_scaling=m.rope_scaling)
 
     # --------------------------------------------------------------------------------------------
-    def train_step(self, loader: TrainLoader) -> torch.Tensor:
-        """Forward/backward over the micro-batches of one step; returns the mean loss (tensor)."""
+    def train_step(self, loader: TrainLoader, shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """Forward/backward over the micro-batches of one step; returns the mean loss (tensor).
+        ``shape``: (global batch tokens, sequence length) of this step (``Curriculum.at``); None =
+        train.train_batch_tokens at train.train_seq_len. A weight penalty (quant.kure_weight /
+        r2_weight) joins the last micro-batch's loss, so DDP averages its (identical) gradients."""
         cfg = self.cfg
+        batch_tokens, seq_len = shape or (cfg.train.train_batch_tokens, cfg.train.train_seq_len)
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
+            last = micro == self.accum - 1
             if self.ctx.distributed and not self.sharded:
-                self.model.require_backward_grad_sync = micro == self.accum - 1
-            x, y = loader.next_batch(cfg.train.train_batch_tokens, cfg.train.train_seq_len, self.accum)
+                self.model.require_backward_grad_sync = last
+            x, y = loader.next_batch(batch_tokens, seq_len, self.accum)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 loss = self.model(x, y)
-            (loss / self.accum).backward()
+            objective = loss / self.accum
+            if last and self.weight_penalty is not None:
+                objective = objective + self.weight_penalty()
+            objective.backward()
             total += loss.detach()
         if self.sharded and self.ctx.distributed:
             from pgolf.optim.sharded import all_reduce_replicated_grads
@@ -219,6 +235,13 @@ class Trainer:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 self.logger.log(f"warmup_step:{i + 1}/{steps}" + (f" looping:{looping}" if self.loops_pending else ""))
+        # Curriculum / batch warm-up: one step on every other (batch, length) shape, so each graph
+        # compiles here once rather than inside the training clock (pgolf.train.curriculum).
+        for shape in self.curriculum.shapes() if self.curriculum.active else []:
+            self.train_step(loader, shape)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            self.logger.log(f"warmup_shape batch_tokens:{shape[0]} seq_len:{shape[1]}")
         self.base_model.set_looping(phases[0])
         self.base_model.load_state_dict(model_state, strict=True)
         for opt, state in zip(self.optimizers, opt_states):
@@ -232,6 +255,8 @@ class Trainer:
         floor (R3+) when train.warmdown_frac > 0, else the challenge's warmdown_iters rule."""
         t = self.cfg.train
         frac = training_fraction(step, elapsed_ms, iterations=t.iterations, max_wallclock_ms=cap_ms)
+        if t.lr_schedule == "d2z":  # linear decay to zero over the whole run (experiment switch)
+            return frac, lr_scale_d2z(frac)
         if t.warmdown_frac > 0:
             return frac, lr_scale_frac(frac, t.warmdown_frac, t.min_lr)
         return frac, lr_scale(step, elapsed_ms, iterations=t.iterations, warmdown_iters=t.warmdown_iters, max_wallclock_ms=cap_ms)
@@ -369,7 +394,7 @@ class Trainer:
         cap_ms = self.wallclock_cap_ms()
         loader = self.make_loader()
         self.averager = WeightAverager(cfg.avg, self.base_model)
-        progress = {"step": 0, "train_ms": 0.0, "stop_after": None, "last_loss": float("nan")}
+        progress = {"step": 0, "train_ms": 0.0, "stop_after": None, "last_loss": float("nan"), "tokens": 0}
         if resume_state is not None:
             progress = self.restore(resume_state, loader)
             self.logger.log(f"status:resumed step:{progress['step']} train_time:{progress['train_ms']:.0f}ms "
@@ -382,6 +407,7 @@ class Trainer:
         stop_after: int | None = progress["stop_after"]
         step = int(progress["step"])
         last_loss = float(progress["last_loss"])
+        tokens = int(progress.get("tokens", step * t.train_batch_tokens))  # tokens trained on so far
         resumed_at = step if resume_state is not None else None
         self.progress = progress
         if self.device.type == "cuda":
@@ -414,7 +440,8 @@ class Trainer:
                 if msg:
                     self.logger.log(msg)
             self.step_ref["step"] = step
-            loss = self.train_step(loader)
+            shape = self.curriculum.at(step, frac)
+            loss = self.train_step(loader, shape)
             grad_norm = self.clip_gradients()
             approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
             reached, stop_requested, non_finite = self.stop_flags(cap_ms is not None and approx_ms >= cap_ms, loss, grad_norm)
@@ -424,7 +451,7 @@ class Trainer:
                 for opt in self.optimizers:
                     opt.zero_grad(set_to_none=True)
                 train_ms += 1000.0 * (time.perf_counter() - t0)
-                state = {"step": step, "train_ms": train_ms, "stop_after": stop_after, "last_loss": last_loss}
+                state = {"step": step, "train_ms": train_ms, "stop_after": stop_after, "last_loss": last_loss, "tokens": tokens}
                 self.save_checkpoint(loader, state, "non_finite" if non_finite else "signal")
                 if bar is not None:
                     bar.close()
@@ -436,6 +463,7 @@ class Trainer:
                 raise RunInterrupted(step, self.signals.received)
             self.optimizer_step(step, scale, frac)
             step += 1
+            tokens += shape[0]
             msg = self.averager.after_step(self.base_model, step, scale)
             if msg:
                 self.logger.log(msg)
@@ -451,14 +479,14 @@ class Trainer:
                 self.logger.log(
                     f"step:{step}/{t.iterations} train_loss:{last_loss:.4f} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms"
                 )
-                self.logger.metric("train", step=step, train_loss=last_loss, lr_scale=scale, train_time_ms=approx_ms, tokens=step * t.train_batch_tokens)
+                self.logger.metric("train", step=step, train_loss=last_loss, lr_scale=scale, train_time_ms=approx_ms, tokens=tokens, seq_len=shape[1])
             if bar is not None:
                 _advance_bar(bar, t, step, approx_ms, last_loss)
             if reached and stop_after is None:
                 stop_after = step
             if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.iterations:
                 train_ms += 1000.0 * (time.perf_counter() - t0)  # saving does not count as training time
-                self.save_checkpoint(loader, {"step": step, "train_ms": train_ms, "stop_after": stop_after, "last_loss": last_loss}, "periodic")
+                self.save_checkpoint(loader, {"step": step, "train_ms": train_ms, "stop_after": stop_after, "last_loss": last_loss, "tokens": tokens}, "periodic")
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -469,7 +497,7 @@ class Trainer:
         # Evaluation, export and every later use of the weights run with the loops on.
         self.base_model.set_looping(self.cfg.model.num_loops > 0)
         self.loops_pending = False
-        return {"steps": step, "train_seconds": train_ms / 1000.0, "final_train_loss": last_loss}
+        return {"steps": step, "train_seconds": train_ms / 1000.0, "final_train_loss": last_loss, "tokens": tokens}
 
 
 class RunInterrupted(Exception):
@@ -645,7 +673,7 @@ def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, pr
     if warmup_s:
         logger.log(f"compile_warmup_seconds:{warmup_s:.1f}")
     stats = trainer.loop(resume_state)
-    tokens_seen = stats["steps"] * t.train_batch_tokens
+    tokens_seen = stats["tokens"]
     if t.schedule_steps and stats["steps"] < t.schedule_steps // 2:
         logger.log(f"WARNING: training stopped at step {stats['steps']}, far below the {t.schedule_steps} steps the step "
                    f"schedules of profile {cfg.profile} assume (train.schedule_steps): the results describe an undertrained "
@@ -705,14 +733,16 @@ def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, pr
         )
         logger.log(f"Code size: {report.code_bytes} bytes")
         logger.log(f"Total submission size {label}: {report.total_bytes} bytes (budget {report.budget_bytes})")
+        from pgolf.model.export_view import artifact_view
         from pgolf.quant.export import roundtrip_errors
 
-        for name, err in roundtrip_errors(export_state, qtensors).items():
+        for name, err in roundtrip_errors(artifact_view(export_state, cfg.model)[0], qtensors).items():
             logger.log(f"quant_error name:{name} fmt:{err['fmt']} rel_rms:{err['rel_rms']:.3e} max_abs:{err['max_abs']:.3e}", console=False)
     barrier()
 
     # ---- round trip: read the file back into a fresh model and evaluate -------------------------
     fresh, _meta = load_artifact_model(artifact_path, ctx.device, cfg.model.attention_backend)
+    fresh.set_eval_temperature(cfg.eval.temperature)
     apply_precision(fresh, cfg.train, ctx.device)
     finals = final_evaluations(fresh, trainer, label)
 
@@ -791,8 +821,11 @@ def _save_raw(model: nn.Module, cfg: RunConfig, run_dir: Path) -> None:
     from pgolf.quant.export import QTensor, dtype_name
     from pgolf.submit.artifact import artifact_meta
 
-    qts = [QTensor(k, tuple(v.shape), dtype_name(v.dtype), "raw", v.detach().cpu().contiguous()) for k, v in model.state_dict().items()]
-    blob = encode_artifact(qts, artifact_meta(cfg.model, {**_artifact_extra(cfg), "raw": True}), ChunkPlan(default_codec="none"))
+    from pgolf.model.export_view import artifact_view
+
+    state, model_cfg = artifact_view(model.state_dict(), cfg.model)  # the exported model's tensors and config
+    qts = [QTensor(k, tuple(v.shape), dtype_name(v.dtype), "raw", v.detach().cpu().contiguous()) for k, v in state.items()]
+    blob = encode_artifact(qts, artifact_meta(model_cfg, {**_artifact_extra(cfg), "raw": True}), ChunkPlan(default_codec="none"))
     write_bytes_atomic(run_dir / "final_model.raw.pgolf", blob)
 
 
@@ -800,6 +833,8 @@ def _artifact_extra(cfg: RunConfig, data: RunData | None = None) -> dict:
     """What an artifact records beyond the model shape: enough to evaluate it the same way, and
     the tokenizer it was trained with (``pgolf eval`` refuses another)."""
     extra = {"preset": cfg.preset, "profile": cfg.profile, "train_seq_len": cfg.train.train_seq_len, "eval_seq_len": cfg.eval_seq_len}
+    if cfg.eval.temperature != 1.0:
+        extra["eval_temperature"] = cfg.eval.temperature  # pgolf eval scores the artifact at the run's temperature
     if data is not None:
         extra["tokenizer_sha256"] = data.identity["tokenizer_sha256"]
     return extra
