@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -412,6 +413,236 @@ def test_sam_step_takes_its_gradient_at_the_perturbed_weights():
 
 
 # ---------------------------------------------------------------------------------------------
+# 11. parallel EMA tracks with proxy selection on held-out training tokens
+
+
+def _avg(model, **kw):
+    from pgolf.train.averaging import WeightAverager
+    from pgolf.train.config import AveragingConfig
+
+    cfg = AveragingConfig(**{"export": "ema", **kw})
+    cfg.validate()
+    return WeightAverager(cfg, model)
+
+
+def test_ema_tracks_equal_independent_emas_by_hand():
+    model = _model().float()
+    decays = [0.5, 0.9, 0.99]
+    avg = _avg(model, ema_decay=0.7, ema_tracks=decays)
+    by_hand = [{k: v.detach().double().clone() for k, v in model.state_dict().items() if v.is_floating_point()} for _ in decays]
+    g = torch.Generator().manual_seed(5)
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        avg.after_step(model, step, 1.0)
+        live = model.state_dict()
+        for d, shadow in zip(decays, by_hand):
+            for k in shadow:
+                shadow[k] = d * shadow[k] + (1 - d) * live[k].double()
+    assert [t.decay for t in avg.tracks] == decays and all(t is not avg.ema for t in avg.tracks)
+    for track, shadow in zip(avg.tracks, by_hand):
+        for k, v in shadow.items():
+            torch.testing.assert_close(track.shadow[k].double(), v, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_tracks_export_the_lowest_proxy_loss():
+    model = _model().float()
+    avg = _avg(model, ema_decay=0.7, ema_tracks=[0.5, 0.9])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    avg.after_step(model, 1, 1.0)
+    losses = {id(avg.ema.shadow): 3.0, id(avg.tracks[0].shadow): 2.5, id(avg.tracks[1].shadow): 1.5}
+    lines = avg.select_track(lambda shadow: losses[id(shadow)])
+    assert avg.selected is avg.tracks[1]
+    assert lines[-1].startswith("ema_tracks: chose track1 decay=0.9") and len(lines) == 4
+    assert all(line.startswith("ema_tracks:") for line in lines)
+    state, msg = avg.export_state(model)
+    for k, v in avg.tracks[1].shadow.items():
+        assert torch.equal(state[k], v.to(state[k].dtype))
+    assert "decay=0.9" in msg
+    with pytest.raises(RuntimeError, match="select_track"):
+        _avg(model, ema_tracks=[0.5]).export_state(model)
+
+
+def test_ema_tracks_config_and_profile_scaling():
+    cfg = load_config("baseline", None, [("avg.ema_tracks", "0.99,0.999"), ("avg.export", "ema")])
+    assert cfg.avg.ema_tracks == [0.99, 0.999] and cfg.avg.ema_decay == 0
+    for bad, match in [([("avg.ema_tracks", [1.0]), ("avg.export", "ema")], "avg.ema_tracks"),
+                       ([("avg.ema_tracks", [0.9])], "avg.export=ema"),
+                       ([("avg.ema_tracks", [0.9, 0.9]), ("avg.export", "ema")], "must differ"),
+                       ([("avg.proxy_tokens", 0)], "avg.proxy_tokens")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config("baseline", None, bad)
+    from pgolf.config import apply_table
+
+    cfg = RunConfig()
+    apply_table(cfg, {"avg": {"ema_decay": 0.99, "ema_tracks": [0.99, 0.999], "export": "ema"}}, "preset")
+    apply_table(cfg, {"scale": {"avg.ema_decay": 0.1}}, "profile")  # horizons x 0.1, every track alike
+    assert cfg.avg.ema_decay == pytest.approx(0.9) and cfg.avg.ema_tracks == pytest.approx([0.9, 0.99])
+
+
+def test_ema_tracks_proxy_reads_only_the_held_out_training_shard(tmp_path, monkeypatch):
+    import numpy as np
+
+    import pgolf.data.holdout as holdout
+    from pgolf.data.shards import write_shard
+    from pgolf.errors import DataError
+
+    for name in ("fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"):
+        write_shard(tmp_path / name, np.arange(1000, dtype=np.uint16) + (7 if "val" in name else 0))
+    train = sorted(tmp_path.glob("fineweb_train_*.bin"))
+    loader_files, held = holdout.holdout_split(train)
+    assert loader_files == train[:-1] and held == train[-1]
+    opened = []
+    real = holdout.memmap_shard
+    monkeypatch.setattr(holdout, "memmap_shard", lambda p: opened.append(Path(p)) or real(p))
+    tokens = holdout.read_holdout_tokens(held, 99, "fineweb_train_*.bin", "fineweb_val_*.bin")
+    assert opened == [held] and tokens.tolist() == list(range(900, 1000))  # the shard's last 100 tokens
+    with pytest.raises(DataError, match="only training shards"):
+        holdout.read_holdout_tokens(tmp_path / "fineweb_val_000000.bin", 99, "fineweb_train_*.bin", "fineweb_val_*.bin")
+    with pytest.raises(DataError, match="avg.ema_tracks"):
+        holdout.holdout_split(train[:1])
+
+
+def test_ema_tracks_round_trip_through_the_checkpoint_state():
+    import types
+
+    from pgolf.train.loop import Trainer
+
+    def fake(seed):
+        model = _model(seed).float()
+        avg = _avg(model, ema_decay=0.7, ema_tracks=[0.5, 0.9])
+        t = types.SimpleNamespace(base_model=model, optimizers=[], averager=avg, qat=None, loops_pending=False,
+                                  device=torch.device("cpu"))
+        return t, types.SimpleNamespace(state_dict=lambda: {}, load_state_dict=lambda s: None)
+
+    src, loader = fake(0)
+    with torch.no_grad():
+        for p in src.base_model.parameters():
+            p.mul_(2.0)
+    src.averager.after_step(src.base_model, 1, 1.0)
+    state = copy.deepcopy(Trainer.checkpoint_state(src, loader, {"step": 1}))
+    dst, loader2 = fake(1)
+    assert Trainer.restore(dst, state, loader2) == {"step": 1}
+    for a, b in zip(src.averager.tracks, dst.averager.tracks, strict=True):
+        assert a.decay == b.decay and all(torch.equal(a.shadow[k], b.shadow[k]) for k in a.shadow)
+    state["ema_tracks"] = state["ema_tracks"][:1]
+    with pytest.raises(Exception, match="EMA tracks"):
+        Trainer.restore(fake(1)[0], state, loader2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. OptRot: randomised Hadamard rotation before quantisation, undone at load
+
+INT_QUANT = dict(embed_format="int8", attn_format="int6", mlp_format="int6", other_format="int8", small_numel=0)
+
+
+def test_hadamard_rotation_is_orthogonal_and_undone_exactly():
+    from pgolf.quant.rotate import Rotation, hadamard_block
+
+    assert [hadamard_block(c) for c in (512, 1536, 96, 6)] == [512, 512, 32, 2]
+    g = torch.Generator().manual_seed(0)
+    for cols in (64, 96, 1536):
+        w = torch.randn(16, cols, generator=g)
+        r = Rotation.for_tensor(7, "blocks.0.mlp.fc.weight", (16, cols))
+        q = r.matrix()
+        torch.testing.assert_close(q.T @ q, torch.eye(cols, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(r.apply(w).double(), w.double() @ q, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r.undo(r.apply(w)), w, rtol=0, atol=1e-5)
+        assert not torch.allclose(r.apply(w), w)
+        x = torch.randn(50, cols, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(r.rotate_hessian(x.T @ x), (x @ q).T @ (x @ q))  # GPTQ's H' = Q^T H Q
+    assert not torch.equal(Rotation(7, "a", 64).matrix(), Rotation(8, "a", 64).matrix())
+    with pytest.raises(ConfigError, match="quant.rotate"):
+        Rotation.for_tensor(0, "odd", (4, 7))
+    with pytest.raises(ConfigError, match="quant.rotate"):
+        load_config("baseline", None, [("quant.rotate", "givens")])
+
+
+def test_rotated_artifact_decodes_within_the_quantisation_error_and_evaluates(tmp_path):
+    from pgolf.quant.formats import dequantize_rows
+    from pgolf.submit.artifact import build_artifact, load_artifact_model, load_artifact_state
+
+    model = _model().float()
+    _randomise(model)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc.weight[0, 3] = 3.0  # an outlier for the rotation to spread
+    sd = model.state_dict()
+    qcfg = QuantConfig(**INT_QUANT, rotate="hadamard", rotate_seed=11)
+    _, qts = build_artifact(sd, model.cfg, qcfg, tmp_path / "r.pgolf", code_bytes=0)
+    meta, state = load_artifact_state(tmp_path / "r.pgolf")
+    build_artifact(sd, model.cfg, QuantConfig(**INT_QUANT), tmp_path / "p.pgolf", code_bytes=0)
+    _, plain_state = load_artifact_state(tmp_path / "p.pgolf")
+    rotated = {qt.name: qt for qt in qts if qt.rotation is not None}
+    assert meta["rotate"] == {"kind": "hadamard", "seed": 11, "tensors": list(rotated)} and "blocks.0.mlp.fc.weight" in rotated
+    for name, qt in rotated.items():
+        w = sd[name].float()
+        err_rot = qt.rotation.apply(w) - dequantize_rows(qt.values, qt.scale, qt.values.shape, torch.float32)
+        # Q is orthogonal: the decoded weights carry exactly the rotated quantisation error
+        torch.testing.assert_close((state[name].float() - w).norm(), err_rot.norm(), rtol=1e-4, atol=1e-6)
+        # ... of the unrotated weights' size: within 10% of the plain artifact's error on the same matrix
+        assert (state[name].float() - w).norm() <= 1.1 * (plain_state[name].float() - w).norm()
+        assert state[name].dtype == sd[name].dtype
+    ids = _ids()
+    nll = {}
+    for tag in ("r", "p"):
+        fresh, _ = load_artifact_model(tmp_path / f"{tag}.pgolf")
+        nll[tag] = fresh.float().token_nll(ids[:, :-1], ids[:, 1:]).mean()
+    ref = model.token_nll(ids[:, :-1], ids[:, 1:]).mean()
+    assert torch.isfinite(nll["r"]) and abs(nll["r"] - ref) <= 2 * abs(nll["p"] - ref) + 0.01 * ref
+
+
+def test_rotation_with_gptq_quantises_the_rotated_layer():
+    from pgolf.quant.export import dequantize_tensor, quantize_state_dict
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    x = torch.randn(4096, 128, generator=g) * torch.linspace(0.1, 3.0, 128)  # anisotropic inputs
+    h = x.T @ x / x.shape[0]
+    name = "blocks.0.mlp.fc.weight"
+    out_err = {}
+    for hs in (None, {name: h}):
+        (qt,) = quantize_state_dict({name: w}, QuantConfig(**INT_QUANT, rotate="hadamard"), hs)
+        out_err[hs is not None] = ((x @ (dequantize_tensor(qt) - w).T).square().mean()).item()
+    assert out_err[True] < out_err[False]  # GPTQ on Q^T H Q lowers the output error of the rotated layer
+
+
+def test_corrupted_rotation_field_is_a_clear_error():
+    from pgolf.errors import ArtifactError
+    from pgolf.quant.container import decode_artifact, encode_artifact
+    from pgolf.quant.export import quantize_state_dict
+
+    g = torch.Generator().manual_seed(4)
+    sd = {"blocks.0.mlp.fc.weight": torch.randn(32, 64, generator=g), "blocks.0.attn.scale": torch.randn(8, generator=g)}
+    plain = quantize_state_dict(sd, QuantConfig(**INT_QUANT))
+    good = {"kind": "hadamard", "seed": 3, "tensors": ["blocks.0.mlp.fc.weight"]}
+    assert decode_artifact(encode_artifact(plain, {"rotate": good})).qtensors[0].rotation.seed == 3
+    for bad, match in [({**good, "kind": "givens"}, "unknown rotation kind"), ({**good, "seed": -1}, "seed"),
+                       ({**good, "seed": "3"}, "seed"), ({**good, "tensors": ["nope"]}, "not in the artifact"),
+                       ({**good, "tensors": ["blocks.0.attn.scale"]}, "2-D integer"), ({"kind": "hadamard"}, "keys"),
+                       ({**good, "tensors": ["blocks.0.mlp.fc.weight"] * 2}, "twice"), ("hadamard", "keys")]:
+        with pytest.raises(ArtifactError, match="meta rotate"):
+            decode_artifact(encode_artifact(plain, {"rotate": bad}), "bad.pgolf")
+        with pytest.raises(ArtifactError, match=match):
+            decode_artifact(encode_artifact(plain, {"rotate": bad}), "bad.pgolf")
+
+
+def test_rotate_none_changes_nothing():
+    from pgolf.quant.container import decode_artifact, encode_artifact
+    from pgolf.quant.export import quantize_state_dict
+
+    model = _model().float()
+    _randomise(model)
+    sd = model.state_dict()
+    blobs = [encode_artifact(quantize_state_dict(sd, q), {"m": 1}) for q in
+             (QuantConfig(**INT_QUANT), QuantConfig(**INT_QUANT, rotate="none", rotate_seed=9), QuantConfig(**INT_QUANT, rotate="hadamard"))]
+    assert blobs[0] == blobs[1] and blobs[0] != blobs[2]
+    assert "rotate" not in decode_artifact(blobs[0]).meta and all(qt.rotation is None for qt in decode_artifact(blobs[0]).qtensors)
+
+
+# ---------------------------------------------------------------------------------------------
 # every switch off in every preset, and one tiny run through all of them
 
 
@@ -420,7 +651,8 @@ SWITCH_DEFAULTS = {
     "optim": {"decoder_lr_mult": 1.0},
     "train": {"lr_schedule": "wallclock_warmdown", "seq_len_schedule": "", "batch_warmup_tokens": 0, "batch_warmup_steps": 0},
     "eval": {"temperature": 1.0},
-    "quant": {"kure_weight": 0.0, "r2_weight": 0.0},
+    "quant": {"kure_weight": 0.0, "r2_weight": 0.0, "rotate": "none"},
+    "avg": {"ema_tracks": []},
     "ttt": {"sam_rho": 0.0},
 }
 
@@ -435,7 +667,7 @@ def test_every_switch_is_off_in_every_preset():
                 assert getattr(getattr(cfg, section), key) == off, f"{preset}: {section}.{key}"
 
 
-def test_a_tiny_run_trains_through_every_switch(demo_dir, tmp_path):
+def test_a_tiny_run_trains_through_every_switch(demo_dir, tmp_path, monkeypatch):
     from pgolf.submit.artifact import load_artifact_state
     from pgolf.train.loop import run_training
     from tests.conftest import TINY_RUN
@@ -446,7 +678,15 @@ def test_a_tiny_run_trains_through_every_switch(demo_dir, tmp_path):
         ("optim.decoder_lr_mult", 2.0), ("train.lr_schedule", "d2z"), ("train.seq_len_schedule", "32:0,64:0.5"),
         ("train.batch_warmup_tokens", 256), ("train.batch_warmup_steps", 3), ("eval.temperature", 1.1),
         ("quant.kure_weight", 1e-4), ("quant.r2_weight", 1e-3),
+        ("avg.ema_tracks", [0.5, 0.9]), ("avg.export", "ema"), ("avg.proxy_tokens", 300), ("quant.rotate", "hadamard"),
     ]  # fmt: skip
+    import pgolf.data.holdout as holdout
+    import pgolf.train.loop as loop
+
+    opened, trained_on = [], []
+    real_memmap, real_build = holdout.memmap_shard, loop.build_loader
+    monkeypatch.setattr(holdout, "memmap_shard", lambda path: opened.append(Path(path)) or real_memmap(path))
+    monkeypatch.setattr(loop, "build_loader", lambda cfg_data, files, *a, **k: trained_on.append(list(files)) or real_build(cfg_data, files, *a, **k))
     s = run_training(load_config("baseline", "cpu", TINY_RUN + extra), tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["event"] == "train"]
@@ -457,3 +697,10 @@ def test_a_tiny_run_trains_through_every_switch(demo_dir, tmp_path):
     meta, state = load_artifact_state(tmp_path / "run" / "final_model.pgolf")
     assert meta["model"]["mtp_heads"] == 0 and meta["model"]["tanh_reparam"] == 0 and meta["eval_temperature"] == 1.1
     assert not [k for k in state if k.startswith("mtp_heads.")]
+    # EMA tracks: the proxy opened only the held-out (last) training shard, which never trained
+    shards = sorted(demo_dir.glob("fineweb_train_*.bin"))
+    assert opened == [shards[-1]] and trained_on and all(shards[-1] not in files for files in trained_on)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "ema_tracks: chose" in log and log.count("ema_tracks: track") == 2
+    # OptRot: the artifact names its rotated matrices (the round-trip evaluation above read it)
+    assert meta["rotate"]["kind"] == "hadamard" and meta["rotate"]["tensors"]

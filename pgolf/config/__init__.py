@@ -178,7 +178,9 @@ def scale_value(cfg: RunConfig, dotted: str, factor: float, source: str) -> None
     """Multiply a numeric setting (a profile's ``[scale]`` table): step-count schedules shrink with
     the number of steps a machine can run. Integers round to the nearest value >= 1; 0 stays 0.
     ``avg.ema_decay`` is scaled through its horizon 1 / (1 - decay), so the EMA averages over the
-    same fraction of the run (0, EMA off, stays 0)."""
+    same fraction of the run (0, EMA off, stays 0); the factor scales every ``avg.ema_tracks`` decay
+    set so far (the preset's) the same way, and later ``--set`` values are taken as given, as for
+    ``avg.ema_decay``."""
     try:
         current = get_value(cfg, dotted)
     except ConfigError as exc:
@@ -187,6 +189,8 @@ def scale_value(cfg: RunConfig, dotted: str, factor: float, source: str) -> None
         raise ConfigError(f"{source}: [scale] {dotted} must name a numeric setting and a numeric factor")
     if dotted == "avg.ema_decay":
         set_value(cfg, dotted, 0.0 if current == 0 else max(0.0, 1.0 - (1.0 - current) / factor))
+        # parallel EMA tracks (issue 16) are scaled with it, each through its own horizon
+        cfg.avg.ema_tracks = [max(1e-6, 1.0 - (1.0 - d) / factor) for d in cfg.avg.ema_tracks]
     elif isinstance(current, int):
         set_value(cfg, dotted, 0 if current == 0 else max(1, round(current * factor)))
     else:

@@ -64,6 +64,11 @@ class QuantConfig:
     # matrices, added to the training loss with these weights (pgolf.quant.penalties); 0 = off.
     kure_weight: float = 0.0
     r2_weight: float = 0.0
+    # Experiment switch (issue 16): none | hadamard. hadamard quantises every 2-D integer-format
+    # matrix as W Q (Q = random signs x block-diagonal Hadamard over its input dimension, seeded by
+    # rotate_seed) and undoes it at load (pgolf.quant.rotate); the seed is stored in the artifact.
+    rotate: str = "none"
+    rotate_seed: int = 0
     # GPTQ: off | full (Hessian from calibration activations, Cholesky error feedback).
     gptq: str = "off"
     gptq_calib_source: str = "train"  # train | self (self-generated sequences); never validation
@@ -112,6 +117,10 @@ class QuantConfig:
         for key in ("kure_weight", "r2_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"quant.{key}: must be >= 0 (0 = off), got {getattr(self, key)}")
+        if self.rotate not in ("none", "hadamard"):
+            raise ConfigError(f"quant.rotate: must be none or hadamard, got {self.rotate!r}")
+        if not 0 <= self.rotate_seed < 1 << 62:
+            raise ConfigError(f"quant.rotate_seed: must be in [0, 2^62), got {self.rotate_seed}")
         for key in ("embed_format", "attn_format", "mlp_format", "other_format", "small_format", "control_format"):
             try:
                 parse_format(getattr(self, key))

@@ -53,6 +53,7 @@ from pgolf.quant.formats import parse_format
 from pgolf.quant.streams import CODED_PACKINGS, FLOAT_TAGS, PACKINGS, TAG_OF, pack_ints, tensor_from_bytes, tensor_to_bytes, unpack_ints
 
 MAGIC = b"PGOLFAR\x00"
+ROTATE_KEY = "rotate"  # meta field of quant.rotate=hadamard (pgolf.quant.rotate)
 CONTAINER_VERSION = 2
 _PREAMBLE = struct.Struct("<8sHBII")
 _CRC = struct.Struct("<I")
@@ -269,11 +270,24 @@ def encode_artifact(qtensors: list[QTensor], meta: dict, plan: ChunkPlan | None 
         + ([qt.lqer.descriptor()] if qt.lqer is not None else [])
         for qt, streams in zip(qtensors, per_tensor)
     ]
+    meta = _with_rotation(qtensors, meta)
     header_raw = json.dumps({"meta": meta, "chunks": chunk_specs, "tensors": tensors}, separators=(",", ":")).encode("utf-8")
     hdr_codec = min(dict.fromkeys(["zlib-9"] + [c for c in codecs if c != "none"]), key=lambda c: len(compress(c, header_raw)))
     header = compress(hdr_codec, header_raw)
     body = _PREAMBLE.pack(MAGIC, CONTAINER_VERSION, CODEC_IDS[hdr_codec], len(header), len(header_raw)) + header + b"".join(compressed)
     return body + _CRC.pack(zlib.crc32(body))
+
+
+def _with_rotation(qtensors: list[QTensor], meta: dict) -> dict:
+    """``meta["rotate"]`` for the rotated tensors (``pgolf.quant.rotate``); ``meta`` unchanged when
+    none is rotated (rotate=none writes the same bytes as before the switch existed)."""
+    rotated = [qt for qt in qtensors if qt.rotation is not None]
+    if not rotated:
+        return meta
+    seeds = {qt.rotation.seed for qt in rotated}
+    if len(seeds) != 1 or any(qt.rotation.name != qt.name for qt in rotated):
+        raise ArtifactError("rotated tensors must share one rotation seed and carry their own names")
+    return {**meta, ROTATE_KEY: {"kind": "hadamard", "seed": seeds.pop(), "tensors": [qt.name for qt in rotated]}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,10 +389,38 @@ def _decode(blob: bytes, keep_payload: bool) -> ArtifactContents:
             raise _Reject("more than 2^31 values in total")
         qtensors.append(qt)
         infos.append(info)
+    if ROTATE_KEY in header["meta"]:
+        _attach_rotation(header["meta"][ROTATE_KEY], qtensors)
     return ArtifactContents(header["meta"], qtensors, infos, len(blob), header_bytes, codec_names[hdr_codec_id], chunk_specs)
 
 
 _LQER_KEYS = ("la", "las", "lb", "lbs")
+
+
+def _attach_rotation(spec, qtensors: list[QTensor]) -> None:
+    """Validate ``meta["rotate"]`` and give each named tensor its rotation (undone at dequantisation)."""
+    from pgolf.errors import ConfigError
+    from pgolf.quant.rotate import Rotation
+
+    if not isinstance(spec, dict) or set(spec) != {"kind", "seed", "tensors"}:
+        raise _Reject(f"meta {ROTATE_KEY}: expected an object with the keys kind, seed, tensors")
+    if spec["kind"] != "hadamard":
+        raise _Reject(f"meta {ROTATE_KEY}: unknown rotation kind {spec['kind']!r} (this pgolf knows hadamard)")
+    seed = _int(spec["seed"], f"meta {ROTATE_KEY} seed", 0, (1 << 62) - 1)
+    by_name = {qt.name: qt for qt in qtensors}
+    names = [_str(n, f"meta {ROTATE_KEY} tensor name") for n in _list(spec["tensors"], f"meta {ROTATE_KEY} tensors")]
+    if len(set(names)) != len(names):
+        raise _Reject(f"meta {ROTATE_KEY}: a tensor is listed twice")
+    for name in names:
+        qt = by_name.get(name)
+        if qt is None:
+            raise _Reject(f"meta {ROTATE_KEY}: names {name!r}, which is not in the artifact")
+        if qt.scale is None or len(qt.shape) != 2:
+            raise _Reject(f"meta {ROTATE_KEY}: {name!r} is not a 2-D integer-format matrix")
+        try:
+            qt.rotation = Rotation.for_tensor(seed, name, qt.shape)
+        except ConfigError as exc:
+            raise _Reject(f"meta {ROTATE_KEY}: {exc}") from None
 
 
 def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], keep_payload: bool) -> tuple[QTensor, TensorInfo]:

@@ -17,6 +17,7 @@ from pgolf.errors import ArtifactError
 from pgolf.quant.config import QuantConfig
 from pgolf.quant.formats import FLOAT_FORMATS, dequantize_rows, parse_format, quantize_rows
 from pgolf.quant.lqer import Lqer
+from pgolf.quant.rotate import Rotation
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -48,6 +49,7 @@ class QTensor:
     values: Tensor
     scale: Tensor | None = None
     lqer: "Lqer | None" = None  # low-rank correction (pgolf.quant.lqer), added at load
+    rotation: "Rotation | None" = None  # quant.rotate=hadamard: values are of W Q, undone at load
 
     @property
     def numel(self) -> int:
@@ -115,11 +117,35 @@ def choose_format(name: str, t: Tensor, cfg: QuantConfig) -> str:
     return {"mlp": cfg.mlp_format, "attn": cfg.attn_format}.get(cat, cfg.other_format)
 
 
+def rotation_for(name: str, t: Tensor, fmt_spec: str, cfg: QuantConfig) -> Rotation | None:
+    """The rotation of a tensor under ``quant.rotate``: every non-empty 2-D float tensor stored in
+    an integer format (``pgolf.quant.rotate``); None for everything else and for rotate=none."""
+    if cfg.rotate != "hadamard" or fmt_spec == "raw" or t.ndim != 2 or t.numel() == 0 or not t.is_floating_point():
+        return None
+    if parse_format(fmt_spec).kind == "float":
+        return None
+    return Rotation.for_tensor(cfg.rotate_seed, name, tuple(t.shape))
+
+
 def quantize_tensor(name: str, t: Tensor, fmt_spec: str, cfg: QuantConfig, hessian: Tensor | None = None) -> QTensor:
     """One tensor in the given format. With a ``hessian`` (input second moment X^T X of the linear
     that owns the weight) an integer format is quantised by GPTQ on the same per-row grid and
-    scales; otherwise by rounding to nearest."""
+    scales; otherwise by rounding to nearest. Under ``quant.rotate=hadamard`` a matrix is quantised
+    as W Q (and its Hessian as Q^T H Q); the record keeps the rotation and the original dtype."""
     t = t.detach().cpu()
+    rotation = rotation_for(name, t, fmt_spec, cfg)
+    if rotation is not None:
+        if not torch.isfinite(t).all():
+            raise ArtifactError(f"{name}: the weights contain NaN or inf; refusing to quantise a diverged model")
+        rotated = rotation.apply(t)
+        hessian = rotation.rotate_hessian(hessian) if hessian is not None else None
+        qt = _quantize(name, rotated, fmt_spec, cfg, hessian)
+        qt.dtype, qt.rotation = dtype_name(t.dtype), rotation
+        return qt
+    return _quantize(name, t, fmt_spec, cfg, hessian)
+
+
+def _quantize(name: str, t: Tensor, fmt_spec: str, cfg: QuantConfig, hessian: Tensor | None) -> QTensor:
     shape = tuple(t.shape)
     if fmt_spec == "raw" or t.numel() == 0:
         return QTensor(name, shape, dtype_name(t.dtype), "raw", t.contiguous())
@@ -159,6 +185,8 @@ def add_lqer(qtensors: list[QTensor], state_dict: dict[str, Tensor], cfg: QuantC
         t = state_dict[qt.name]
         if qt.scale is None or len(qt.shape) != 2 or is_quant_gate(qt.name, t, cfg):
             continue
+        if qt.rotation is not None:  # the correction lives in the rotated space the values are in
+            t = qt.rotation.apply(t)
         errors[qt.name] = t.detach().float().cpu().reshape(qt.values.shape) - dequantize_rows(qt.values, qt.scale, qt.values.shape, torch.float32)
     chosen = select_lqer(errors, cfg.lqer_top_k)
     by_name = {qt.name: qt for qt in qtensors}
@@ -168,7 +196,13 @@ def add_lqer(qtensors: list[QTensor], state_dict: dict[str, Tensor], cfg: QuantC
 
 
 def dequantize_tensor(qt: QTensor) -> Tensor:
-    dtype = TORCH_DTYPES[qt.dtype]
+    if qt.rotation is not None:  # W = W_rot Q^T on the float32 dequantised values
+        w_rot = _dequantize(qt, torch.float32).reshape(qt.shape)
+        return qt.rotation.undo(w_rot).to(TORCH_DTYPES[qt.dtype])
+    return _dequantize(qt, TORCH_DTYPES[qt.dtype])
+
+
+def _dequantize(qt: QTensor, dtype: torch.dtype) -> Tensor:
     if qt.fmt == "raw":
         return qt.values.reshape(qt.shape).to(dtype)
     if qt.scale is None:

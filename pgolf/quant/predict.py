@@ -32,6 +32,7 @@ The model is built on the ``meta`` device: shapes only, no memory, no initialisa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 
@@ -74,7 +75,8 @@ def _sample_bits(fmt: str, shape: torch.Size, dtype: torch.dtype, qcfg, cache: d
         else:
             g = torch.Generator().manual_seed(0)
             sample = torch.randn(rows, cols, generator=g)
-            qt = quantize_tensor("sample", sample, fmt, qcfg)
+            # a Gaussian sample's size does not depend on a rotation (quant.rotate): estimate unrotated
+            qt = quantize_tensor("sample", sample, fmt, dataclasses.replace(qcfg, rotate="none"))
             empty = len(encode_artifact([], {}, ChunkPlan(default_codec=qcfg.codec, packing=qcfg.packing)))
             blob = encode_artifact([qt], {}, ChunkPlan(default_codec=qcfg.codec, packing=qcfg.packing))
             cache[key] = 8.0 * (len(blob) - empty) / sample.numel()

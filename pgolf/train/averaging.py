@@ -8,6 +8,8 @@ the averages are DDP-correct without communication.
 from __future__ import annotations
 
 import torch
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from pgolf.train.config import AveragingConfig
@@ -60,11 +62,16 @@ class WeightAverager:
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.swa = SnapshotMean() if cfg.swa_every > 0 else None
         self.swa_start_step: int | None = None
+        # parallel EMA tracks (issue 16): independent EMAs; the proxy picks the exported one
+        self.tracks = [EMA(model, d) for d in cfg.ema_tracks]
+        self.selected: EMA | None = None
 
     def after_step(self, model: nn.Module, step: int, lr_scale: float) -> str | None:
         """Call after each optimizer step with the new step count; returns a log line or None."""
         if self.ema is not None:
             self.ema.update(model)
+        for track in self.tracks:
+            track.update(model)
         if self.swa is None or lr_scale >= self.cfg.swa_start_scale or step % self.cfg.swa_every:
             return None
         source = self.ema.shadow if self.cfg.swa_source == "ema" else model.state_dict()
@@ -73,6 +80,21 @@ class WeightAverager:
             self.swa_start_step = step
             return f"swa:start step:{step} source={self.cfg.swa_source}"
         return None
+
+    def candidates(self) -> list[tuple[str, EMA]]:
+        """The EMAs the proxy chooses among: the main EMA (when ``ema_decay`` > 0), then each track."""
+        main = [(f"ema decay={self.ema.decay:g}", self.ema)] if self.ema is not None else []
+        return main + [(f"track{i} decay={t.decay:g}", t) for i, t in enumerate(self.tracks)]
+
+    def select_track(self, proxy_loss: Callable[[dict[str, Tensor]], float]) -> list[str]:
+        """Score every candidate's shadow with ``proxy_loss`` (held-out training tokens, never
+        validation) and keep the lowest (the first on a tie) for ``export_state``; returns the
+        ``ema_tracks:`` log lines."""
+        scored = [(name, ema, float(proxy_loss(ema.shadow))) for name, ema in self.candidates()]
+        best = min(range(len(scored)), key=lambda i: scored[i][2])
+        self.selected = scored[best][1]
+        lines = [f"ema_tracks: {name} proxy_loss:{loss:.6f}" for name, _, loss in scored]
+        return lines + [f"ema_tracks: chose {scored[best][0]} (lowest proxy loss {scored[best][2]:.6f})"]
 
     def export_state(self, model: nn.Module) -> tuple[dict[str, Tensor], str]:
         """The state dict to export (each tensor in the live tensor's dtype) and a log line.
@@ -84,6 +106,10 @@ class WeightAverager:
         choice = self.cfg.export
         if choice == "swa" and self.swa is not None and self.swa.count > 1:
             avg, msg = self.swa.mean(), f"swa:applying averaged {self.swa.count} checkpoints (from {self.cfg.swa_source})"
+        elif self.tracks and choice == "ema":
+            if self.selected is None:
+                raise RuntimeError("avg.ema_tracks: select_track must score the tracks before export_state")
+            avg, msg = self.selected.shadow, f"ema_tracks:loading the chosen EMA (decay={self.selected.decay:g})"
         elif self.ema is not None and (choice == "ema" or (choice == "swa" and self.cfg.swa_source == "ema")):
             avg, msg = self.ema.shadow, "ema:loading final weights" + (" (no SWA)" if choice == "swa" else "")
         else:

@@ -7,7 +7,7 @@ rolled back, grad accumulation so that one GPU reproduces the 8-GPU batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(kw_only=True)
@@ -112,9 +112,27 @@ class AveragingConfig:
     swa_start_scale: float = 0.5
     swa_source: str = "raw"  # raw | ema
     export: str = "raw"  # raw | ema | swa
+    # Experiment switch (issue 16): parallel EMA tracks, one independent EMA per decay (empty = off).
+    # With avg.export=ema the export is the candidate (each track, and the main EMA when
+    # ema_decay > 0) with the lowest loss on ``proxy_tokens`` held-out TRAINING tokens: the last
+    # training shard is held out of the loader and the proxy reads the end of it (pgolf.data.holdout);
+    # validation tokens are never read. A profile's [scale] "avg.ema_decay" scales each track's
+    # horizon the same way (pgolf.config.scale_value).
+    ema_tracks: list[float] = field(default_factory=list)
+    proxy_tokens: int = 65536
 
     def validate(self) -> None:
         from pgolf.errors import ConfigError
+
+        for d in self.ema_tracks:
+            if not 0.0 < d < 1.0:
+                raise ConfigError(f"avg.ema_tracks: every decay must be in (0, 1), got {d}; e.g. avg.ema_tracks=[0.995,0.999]")
+        if len(set(self.ema_tracks)) != len(self.ema_tracks):
+            raise ConfigError(f"avg.ema_tracks: decays must differ, got {self.ema_tracks}")
+        if self.ema_tracks and self.export != "ema":
+            raise ConfigError(f"avg.ema_tracks: the proxy picks the exported EMA, so it needs avg.export=ema (got {self.export}); set avg.export=ema or avg.ema_tracks=[]")
+        if self.proxy_tokens < 1:
+            raise ConfigError(f"avg.proxy_tokens: must be >= 1, got {self.proxy_tokens}")
 
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"avg.ema_decay: must be in [0, 1), got {self.ema_decay}")
@@ -122,8 +140,8 @@ class AveragingConfig:
             raise ConfigError(f"avg.swa_source: must be raw or ema, got {self.swa_source!r}")
         if self.export not in ("raw", "ema", "swa"):
             raise ConfigError(f"avg.export: must be raw, ema or swa, got {self.export!r}")
-        if self.export == "ema" and self.ema_decay == 0:
-            raise ConfigError("avg.export=ema needs avg.ema_decay > 0")
+        if self.export == "ema" and self.ema_decay == 0 and not self.ema_tracks:
+            raise ConfigError("avg.export=ema needs avg.ema_decay > 0 (or avg.ema_tracks)")
         if self.export == "swa" and self.swa_every <= 0:
             raise ConfigError("avg.export=swa needs avg.swa_every > 0")
         if self.swa_source == "ema" and self.swa_every > 0 and self.ema_decay == 0:

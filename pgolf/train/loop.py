@@ -123,6 +123,11 @@ class Trainer:
         self.accum = grad_accum_steps(cfg, ctx.world_size)
         self.curriculum = Curriculum(cfg.train, ctx.world_size, self.accum)  # batch and length of each step
         self.gptq_reserve: float | None = None  # set by the GPTQ preflight (pgolf.quant.reserve) before the clock starts
+        self.holdout_file: Path | None = None  # avg.ema_tracks: the training shard held out for the proxy
+        if cfg.avg.ema_tracks:
+            from pgolf.data.holdout import holdout_split
+
+            self.train_files, self.holdout_file = holdout_split(self.train_files)
 
     # --------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -289,6 +294,39 @@ class Trainer:
         model_for_eval.train(was_training)
         return res
 
+    @torch.no_grad()
+    def proxy_loss(self, shadow: dict) -> float:
+        """Mean NLL of the weights ``shadow`` on the held-out training tokens (``avg.ema_tracks``;
+        ``pgolf.data.holdout``: the end of the held-out training shard, never validation tokens).
+        Rank 0's value is broadcast so every rank makes the same choice; the live weights are
+        restored afterwards."""
+        from pgolf.data.holdout import read_holdout_tokens
+
+        cfg, model = self.cfg, self.base_model
+        if getattr(self, "_proxy_tokens", None) is None:
+            self._proxy_tokens = read_holdout_tokens(self.holdout_file, cfg.avg.proxy_tokens, cfg.data.train_glob, cfg.data.val_glob)
+        tokens = self._proxy_tokens
+        seq = min(cfg.train.train_seq_len, tokens.numel() - 1)
+        n_seq = (tokens.numel() - 1) // seq
+        x_all = tokens[: n_seq * seq].reshape(n_seq, seq)
+        y_all = tokens[1 : n_seq * seq + 1].reshape(n_seq, seq)
+        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict({k: (shadow[k].to(device=v.device, dtype=v.dtype) if k in shadow else v) for k, v in live.items()}, strict=True)
+        was_training = model.training
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        per_batch = max(1, cfg.eval.val_batch_tokens // (seq * self.ctx.world_size)) if cfg.eval.val_batch_tokens else 16
+        for i in range(0, n_seq, per_batch):
+            x, y = x_all[i : i + per_batch].to(self.device), y_all[i : i + per_batch].to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                total += model.token_nll(x, y).double().sum()
+        loss = total / (n_seq * seq)
+        if self.ctx.distributed:
+            torch.distributed.broadcast(loss, 0)
+        model.load_state_dict(live, strict=True)
+        model.train(was_training)
+        return float(loss)
+
     def wallclock_cap_ms(self) -> float | None:
         """The training cap; with GPTQ its Hessian time is reserved inside it (field-notes 1.8)."""
         t, q = self.cfg.train, self.cfg.quant
@@ -311,6 +349,7 @@ class Trainer:
             "model": self.base_model.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "ema": avg.ema.shadow if avg.ema is not None else None,
+            "ema_tracks": [t.shadow for t in avg.tracks],
             "swa": {"sum": avg.swa.sum, "count": avg.swa.count} if avg.swa is not None else None,
             "swa_start_step": avg.swa_start_step,
             "qat_active": self.qat.active if self.qat is not None else None,
@@ -338,6 +377,12 @@ class Trainer:
         if avg.ema is not None:
             for k, v in state["ema"].items():
                 avg.ema.shadow[k].copy_(v)
+        tracks = state.get("ema_tracks", [])
+        if len(tracks) != len(avg.tracks):
+            raise UserError(f"checkpoint has {len(tracks)} EMA tracks, the config {len(avg.tracks)} (avg.ema_tracks); resume with the config that wrote it")
+        for track, shadow in zip(avg.tracks, tracks):
+            for k, v in shadow.items():
+                track.shadow[k].copy_(v)
         if avg.swa is not None:
             avg.swa.sum = {k: v.clone() for k, v in state["swa"]["sum"].items()}
             avg.swa.count = int(state["swa"]["count"])
@@ -633,13 +678,18 @@ def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, pr
     else:
         logger.log(f"data_identity:no_manifest (no manifest.json in {cfg.data.path}: {data.identity['shards_checked']} "
                    "shard headers checked, tokenizer not verified against the shards)")
-    logger.log(f"train_loader:dataset:{Path(cfg.data.path).resolve().name} train_shards:{len(data.train_files)}")
+    logger.log(f"train_loader:dataset:{Path(cfg.data.path).resolve().name} train_shards:{len(trainer.train_files)}")
     logger.log(f"val_loader:shards pattern={Path(cfg.data.path) / cfg.data.val_glob} tokens:{data.val_tokens.numel() - 1}")
     if data.val_prefix:
         logger.log(f"eval_prefix:targets:{data.val_tokens.numel() - 1} of:{data.val_tokens_total - 1} (eval.max_val_tokens="
                    f"{cfg.eval.max_val_tokens}: every val_bpb of this run is a comparison on a prefix, not a score; "
                    "--set eval.max_val_tokens=0 scores the whole split)")
     trainer.build()
+    if cfg.quant.rotate != "none":  # an unrotatable matrix is a ConfigError now, not after training
+        from pgolf.quant.export import choose_format, rotation_for
+
+        for name, t in trainer.base_model.state_dict().items():
+            rotation_for(name, t, choose_format(name, t, cfg.quant), cfg.quant)
     counts = count_parameters(trainer.base_model)
     logger.log(f"model_params:{counts['total']}")
     logger.log(f"world_size:{ctx.world_size} grad_accum_steps:{trainer.accum}")
@@ -685,6 +735,13 @@ def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, pr
         )
 
     # ---- averaging -> pre-quantisation eval of exactly the weights that get exported ----------
+    if trainer.averager.tracks:  # avg.ema_tracks: the proxy on held-out training tokens picks the EMA
+        if trainer.qat is not None:
+            trainer.qat.set_active(False)
+        logger.log(f"ema_tracks: proxy on held-out training shard {trainer.holdout_file.name} (last {cfg.avg.proxy_tokens} "
+                   "tokens; the shard is held out of the loader; validation tokens are never read)")
+        for line in trainer.averager.select_track(trainer.proxy_loss):
+            logger.log(line)
     export_state, msg = trainer.averager.export_state(trainer.base_model)
     logger.log(msg)
     trainer.base_model.load_state_dict(export_state, strict=True)
