@@ -1,7 +1,7 @@
 """pgolf's coder against the records' compressors on the same quantised integers, with timings.
 
     python benchmarks/bench_compression.py --run RUN_DIR [--run RUN_DIR ...] [--quant-preset pr1855]
-        [--packing auto] [--no-gptq] [--no-lrzip] [--out DIR]
+        [--packing auto] [--set quant.KEY=VALUE ...] [--no-gptq] [--no-lrzip] [--out DIR]
 
 For each finished run (a folder with ``config.json`` and ``final_model.raw.pgolf``; train one with
 ``pgolf train ... --out RUN_DIR``) the raw weights are quantised once with the quantisation of
@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def quantise(run: Path, preset: str | None, gptq: bool, packing: str | None):
+def quantise(run: Path, preset: str | None, gptq: bool, packing: str | None, overrides: list[str] | None = None):
     from pgolf.cli.quant import _device, _model_with, load_run
     from pgolf.quant.export import quantize_state_dict
 
-    cfg, state, meta, summary = load_run(run, [], preset)
+    cfg, state, meta, summary = load_run(run, overrides or [], preset)
     if packing:
         cfg.quant.packing = packing
     hessians, calib_s = None, 0.0
@@ -60,9 +60,14 @@ def bench(run: Path, args) -> dict:
     from pgolf.quant.compare import codec_comparison
     from pgolf.quant.container import ChunkPlan, decode_artifact, encode_artifact, write_bytes_atomic
     from pgolf.quant.report import format_codecs
-    from pgolf.submit.artifact import artifact_meta
+    from pgolf.quant.artifact import artifact_meta
 
-    cfg, qtensors, summary, calib_s, quant_s = quantise(run, args.quant_preset, not args.no_gptq, args.packing)
+    import json
+
+    # default: the quantisation of the run's preset as it is now, not the run's own [quant] (a run
+    # may have been trained with a cheap export, e.g. --set quant.packing=bitpack)
+    preset = args.quant_preset or json.loads((run / "config.json").read_text(encoding="utf-8")).get("preset")
+    cfg, qtensors, summary, calib_s, quant_s = quantise(run, preset, not args.no_gptq, args.packing, args.overrides)
     params = sum(q.numel for q in qtensors)
     meta = artifact_meta(cfg.model, {"preset": cfg.preset, "profile": cfg.profile})
     t0 = time.perf_counter()
@@ -85,7 +90,7 @@ def bench(run: Path, args) -> dict:
     rep["codec_decode_seconds"]["pgolf"] = dec_s
     lqer = [q.name for q in qtensors if q.lqer is not None]
     print(f"\n== {run} (preset {cfg.preset}, profile {cfg.profile}, {summary.get('steps', '?')} steps, {params:,} params; quant of "
-          f"{args.quant_preset or cfg.preset}: mlp {cfg.quant.mlp_format} k {cfg.quant.sdclip_k_mlp}, attn {cfg.quant.attn_format} "
+          f"{preset}: mlp {cfg.quant.mlp_format} k {cfg.quant.sdclip_k_mlp}, attn {cfg.quant.attn_format} "
           f"k {cfg.quant.sdclip_k_attn}, embed {cfg.quant.embed_format} k {cfg.quant.sdclip_k_embed}; GPTQ "
           f"{'on' if calib_s else 'off'}; LQER on {lqer})")
     print(f"calibration {calib_s:.1f} s, quantisation {quant_s:.1f} s; pgolf packings chosen: {choices}; artifact {out}")
@@ -108,6 +113,8 @@ def main() -> int:
     ap.add_argument("--quant-preset", default=None, help="quantise with this preset's quant settings (default: the run's preset)")
     ap.add_argument("--packing", default=None, help="override quant.packing (auto, ctx, entropy, bitpack, int8)")
     ap.add_argument("--no-gptq", action="store_true", help="round to nearest instead of GPTQ")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="quant.KEY=VALUE",
+                    help="override a quant.* (or data.*) value after --quant-preset, e.g. quant.gptq_calib_batches=2 (repeatable)")
     ap.add_argument("--no-lrzip", action="store_true", help="skip R7's per-group lrzip scheme (slow)")
     ap.add_argument("--out", default="/tmp/bench_compression", help="folder for the artifacts written")
     args = ap.parse_args()

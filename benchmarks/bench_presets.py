@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pgolf.config import load_config
 from pgolf.data.demo import demo_for_config
-from pgolf.train.loop import run_training
+from pgolf.train.run import run_training
 
 FRONTIER = "pr549,pr1218,pr1394,pr1493,pr1787,pr1855"
 

@@ -15,7 +15,7 @@ import torch
 
 from pgolf.config import list_presets, load_config
 from pgolf.model.gpt import build_model
-from pgolf.train.loop import run_training
+from pgolf.train.run import run_training
 from tests.conftest import TINY_RUN
 from tests.test_frontier_model import tiny
 

@@ -32,7 +32,7 @@ SEQ = 32
 def bundle(tmp_path_factory) -> dict[str, str]:
     """A tokenizer of 320 pieces, an artifact of a tiny 320-token model, a 2-shard val split."""
     from pgolf.model.gpt import build_model
-    from pgolf.submit.artifact import build_artifact
+    from pgolf.quant.artifact import build_artifact
 
     tmp = tmp_path_factory.mktemp("evalcli")
     rnd = random.Random(0)
@@ -188,7 +188,7 @@ def test_flop_count_of_the_pr401_model_and_the_calibration() -> None:
 
 def test_a_training_run_ends_with_the_sliding_and_ttt_lines(demo_dir, tmp_path) -> None:
     from pgolf.config import load_config
-    from pgolf.train.loop import run_training
+    from pgolf.train.run import run_training
     from tests.conftest import TINY_RUN
 
     cfg = load_config("baseline", "cpu", TINY_RUN + [("data.path", str(demo_dir)), ("eval.max_val_tokens", 1024),

@@ -28,7 +28,7 @@ VOCAB, SEQ = 320, 32
 def files(tmp_path_factory) -> dict[str, str]:
     from pgolf.config import load_config
     from pgolf.model.gpt import build_model
-    from pgolf.submit.artifact import build_artifact
+    from pgolf.quant.artifact import build_artifact
 
     tmp = tmp_path_factory.mktemp("phasedcli")
     rnd = random.Random(0)

@@ -41,7 +41,7 @@ def test_zero_learning_rate_equals_the_sliding_eval_exactly(mode: str, chunk: in
 
 
 def test_the_artifact_model_and_file_are_never_modified(tmp_path) -> None:
-    from pgolf.submit.artifact import build_artifact, load_artifact_model
+    from pgolf.quant.artifact import build_artifact, load_artifact_model
 
     cfg = tiny_cfg()
     model = tiny_model()

@@ -18,7 +18,7 @@ from pgolf.quant.container import ChunkPlan, encode_artifact, write_bytes_atomic
 from pgolf.quant.export import QTensor, dequantize_state_dict, dtype_name, quantize_state_dict
 from pgolf.quant.predict import predict_artifact_bytes, preflight
 from pgolf.quant.report import artifact_report
-from pgolf.submit.artifact import artifact_meta, build_artifact, load_artifact_model
+from pgolf.quant.artifact import artifact_meta, build_artifact, load_artifact_model
 
 TINY = [("model.num_layers", 2), ("model.model_dim", 64), ("model.num_heads", 4), ("model.num_kv_heads", 2), ("model.xsa_last_n", 1),
         ("model.bigram_dim", 32), ("model.ve_dim", 32), ("quant.small_numel", 1024), ("train.train_seq_len", 32),

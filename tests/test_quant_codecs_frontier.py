@@ -182,3 +182,20 @@ def test_codec_table_of_inspect(tmp_path: Path, monkeypatch, capsys) -> None:
     assert abs(ints + groups["rest"]["pgolf"] - len(blob)) <= len(groups)  # the groups partition the file (rounding)
     assert main(["inspect", "--artifact", str(path), "--codecs", "none", "--json"]) == 0
     assert "codecs" not in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.skipif(not HAS_LRZIP, reason="the lrzip binary is not installed (apt-get install lrzip)")
+def test_codec_table_of_inspect_with_lrzip(tmp_path: Path, capsys) -> None:
+    from pgolf.cli import main
+    from pgolf.quant.container import write_bytes_atomic
+
+    qts = _model_qtensors()
+    path = tmp_path / "a.pgolf"
+    write_bytes_atomic(path, encode_artifact(qts, {"format": "pgolf-artifact", "model": {}}, ChunkPlan(default_codec="brotli", packing="auto")))
+    assert main(["inspect", "--artifact", str(path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    res = encode_pergroup(qts)
+    assert rep["codecs"]["lrzip-pergroup"] == len(res.blob) and "lrzip_note" not in rep
+    groups = {r["group"]: r for r in rep["codec_groups"]}
+    assert all(groups[g]["lrzip-pergroup"] == res.group_bytes[g] for g in GROUPS if g in groups)
+    assert groups["rest"]["lrzip-pergroup"] == res.remainder_bytes + res.perm_bytes + res.overhead_bytes

@@ -108,3 +108,27 @@ def test_collect_hessians_from_self_generated_text() -> None:
     h = hs["blocks.0.mlp.proj.weight"]
     assert h.shape == (384, 384) and torch.allclose(h, h.T, atol=1e-5)
     assert not any(p.requires_grad is False for p in model.parameters())  # the model is left as it was
+
+
+@pytest.mark.parametrize("loader", ["shuffled", "coprime", "packed"])
+def test_train_tokens_draw_through_the_runs_loader(loader: str, demo_dir) -> None:
+    """With a records' loader, calibration batches are that loader's batches (a fresh instance for
+    the rank), as R2 (coprime), R4/R5 (shuffled) and R6/R7 (packed) calibrated."""
+    from pgolf.data.loaders import build_loader
+    from pgolf.data.shards import resolve_shards
+    from pgolf.quant.calib import calibration_source
+
+    data = DataConfig(path=str(demo_dir), loader=loader)
+    src = TrainTokens(data, num_seqs=5, seq_len=32, batch_seqs=2, rank=1, world_size=2, doc_window=64)
+    got = list(src.batches(torch.device("cpu")))
+    ref = build_loader(data, resolve_shards(demo_dir, data.train_glob, "training"), 1, 2, torch.device("cpu"), doc_window=64)
+    want = [ref.next_batch(b * 32 * 2, 32, 1)[0] for b in (2, 2, 1)]
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert sum(b.numel() for b in got) == 5 * 32 and f"{loader} loader, rank 1/2" in src.describe()
+    stream = list(TrainTokens(DataConfig(path=str(demo_dir)), num_seqs=5, seq_len=32, batch_seqs=2).batches(torch.device("cpu")))
+    assert not torch.equal(torch.cat([b.reshape(-1) for b in got]), torch.cat([b.reshape(-1) for b in stream]))
+    # the run config routes its loader and rank through calibration_source
+    cfg = load_config("pr1855", "cpu", [("data.path", str(demo_dir)), ("data.loader", loader), ("data.transform", "none"),
+                                        ("model.vocab_size", 1024), ("quant.gptq_calib_source", "train")])
+    source = calibration_source(cfg, build_model(cfg.model), rank=1, world_size=2)
+    assert isinstance(source, TrainTokens) and source.loader_kind == loader and (source.rank, source.world_size) == (1, 2)

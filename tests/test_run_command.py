@@ -27,7 +27,7 @@ def test_pgolf_run_trains_the_steps_asked_and_labels_a_prefix(demo_dir, tmp_path
 
 def test_a_whole_split_is_not_labelled_and_the_diagnostic_runs_by_default(demo_dir, tmp_path):
     from pgolf.config import load_config
-    from pgolf.train.loop import run_training
+    from pgolf.train.run import run_training
     from tests.conftest import TINY_RUN
 
     cfg = load_config("baseline", "cpu", TINY_RUN + [("data.path", str(demo_dir)), ("eval.max_val_tokens", 0),

@@ -20,7 +20,8 @@ from pgolf.cli import main
 from pgolf.config import load_config
 from pgolf.errors import DataError
 from pgolf.train.checkpoint import COMPLETE, list_checkpoints
-from pgolf.train.loop import TrainingDivergedError, run_training
+from pgolf.train.loop import TrainingDivergedError
+from pgolf.train.run import run_training
 from pgolf.train.rundir import RunFolderError
 from tests.conftest import REPO, TINY_RUN, tiny_set_args
 

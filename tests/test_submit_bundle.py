@@ -16,7 +16,8 @@ import pytest
 
 from pgolf.cli import main as cli
 from pgolf.config import load_config
-from pgolf.submit.bundle import WRAPPERS, BundleError, read_bundle, render, shake
+from pgolf.submit.bundle import BundleError, read_bundle
+from pgolf.train.codesize import WRAPPERS, render, shake
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,6 +73,34 @@ def test_shake_drops_unreachable_definitions_and_their_imports():
     assert "def dead" not in out["pgolf.a"] and "unused" not in out["pgolf.a"]  # the import lost the name too
     assert "def used" in out["pgolf.b"] and "def helper" in out["pgolf.b"] and "def by_name" in out["pgolf.b"]
     assert "def unused" not in out["pgolf.b"] and "class Dead" not in out["pgolf.b"]
+
+
+
+def test_shake_counts_attributes_of_modules_only_for_that_module():
+    sources = {
+        "pgolf": "",
+        "pgolf.a": ("import pgolf.d\nfrom pgolf import c as cc\n"
+                    "def main(b):\n    return cc.encode(b.decode()) + pgolf.d.run(b.run)\n"),
+        "pgolf.c": "def encode(x):\n    return x\ndef decode(x):\n    return x\ndef run():\n    return 0\n",
+        "pgolf.d": "def run(x):\n    return x\ndef decode():\n    return 1\n",
+    }
+    out = shake(sources, {"main"})
+    assert "def encode" in out["pgolf.c"] and "def run" in out["pgolf.d"]  # cc.encode, pgolf.d.run
+    assert "def decode" not in out["pgolf.c"] and "def decode" not in out["pgolf.d"]  # b.decode() is a bytes method
+    assert "def run" not in out["pgolf.c"]  # pgolf.d.run and b.run do not keep pgolf.c.run
+
+
+def test_probe_data_follows_the_configs_transform(tmp_path):
+    from pgolf.data.loaders import check_transform
+    from pgolf.data.manifest import read_manifest
+    from pgolf.data.sidecar import sidecar_path
+    from pgolf.submit.seeds import make_probe_data
+
+    data, tok = make_probe_data(tmp_path / "cops", 1024, "lossless_caps_caseops_v1")
+    assert read_manifest(data)["transform"]["name"] == "lossless_caps_caseops_v1" and tok.is_file()
+    check_transform(data, "lossless_caps_caseops_v1")  # what a CaseOps run checks before training
+    val = sorted(data.glob("fineweb_val_0*.bin"))
+    assert val and all(sidecar_path(v).is_file() for v in val)
 
 
 FAKE = {
@@ -183,7 +212,7 @@ def test_bundle_runs_under_torchrun_with_two_cpu_processes(bundled, tmp_path):
 
 @pytest.mark.slow  # the module fixture bundles (a probe and a verification run), ~15-30 s
 def test_package_code_bytes_bounds_the_bundle(bundled):
-    from pgolf.submit.artifact import package_code_bytes
+    from pgolf.train.codesize import package_code_bytes
     import pgolf.eval.suite  # noqa: F401  (what a run has loaded)
     import pgolf.train.loop  # noqa: F401
 
@@ -196,7 +225,7 @@ def test_package_code_bytes_bounds_the_bundle(bundled):
 def test_latin1_literal_round_trips_every_byte(tmp_path):
     """Every byte value (and a random tail) survives the latin-1 literal through CPython's own
     tokenizer, and only the five bytes that cannot stand for themselves are escaped."""
-    from pgolf.submit.bundle import LATIN1_COOKIE, latin1_literal
+    from pgolf.train.codesize import LATIN1_COOKIE, latin1_literal
 
     blob = bytes(range(256)) * 3 + np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
     script = tmp_path / "t.py"

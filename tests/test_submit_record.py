@@ -19,7 +19,8 @@ from pgolf.cli import main as cli
 from pgolf.config import load_config
 from pgolf.submit.audit import RULE_NAMES, audit
 from pgolf.submit.audit import main as audit_main
-from pgolf.submit.bundle import read_bundle, render
+from pgolf.submit.bundle import read_bundle
+from pgolf.train.codesize import render
 from pgolf.submit.record import RecordError, SUBMISSION_FIELDS, check_same_config, load_run
 from pgolf.submit.seeds import SeedsError, run_seeds
 from tests.test_submit_bundle import TINY, make_tiny_data, tiny_set_args
@@ -105,7 +106,7 @@ def test_clean_record_passes_every_rule(made, capsys):
     _, _, rec, _ = made
     rules = audit(rec)
     assert [r.name for r in rules] == list(RULE_NAMES)
-    assert all(r.status == "PASS" for r in rules), [(r.name, r.status, r.reason) for r in rules]
+    assert all(r.status == "PASS" for r in rules), [(r.name, r.status, r.reason) for r in rules if r.status != "PASS"]
     assert audit_main([str(rec), "--skip", "causality"]) == 0
     out = capsys.readouterr().out
     assert "audit: 13 pass, 0 fail, 1 skipped -> PASS" in out and "limit defined for 8xH100" in out

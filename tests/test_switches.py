@@ -74,7 +74,7 @@ def test_mtp_heads_leave_the_trunk_init_and_the_parameter_total_unchanged():
 
 
 def test_mtp_heads_are_not_in_the_artifact_and_its_score_is_the_trained_models(tmp_path):
-    from pgolf.submit.artifact import build_artifact, load_artifact_model, load_artifact_state
+    from pgolf.quant.artifact import build_artifact, load_artifact_model, load_artifact_state
 
     mtp = _model(mtp_heads=2).float()
     _randomise(mtp)
@@ -563,7 +563,7 @@ def test_hadamard_rotation_is_orthogonal_and_undone_exactly():
 
 def test_rotated_artifact_decodes_within_the_quantisation_error_and_evaluates(tmp_path):
     from pgolf.quant.formats import dequantize_rows
-    from pgolf.submit.artifact import build_artifact, load_artifact_model, load_artifact_state
+    from pgolf.quant.artifact import build_artifact, load_artifact_model, load_artifact_state
 
     model = _model().float()
     _randomise(model)
@@ -668,8 +668,8 @@ def test_every_switch_is_off_in_every_preset():
 
 
 def test_a_tiny_run_trains_through_every_switch(demo_dir, tmp_path, monkeypatch):
-    from pgolf.submit.artifact import load_artifact_state
-    from pgolf.train.loop import run_training
+    from pgolf.quant.artifact import load_artifact_state
+    from pgolf.train.run import run_training
     from tests.conftest import TINY_RUN
 
     extra = [

@@ -15,7 +15,7 @@ import torch
 from pgolf.config import load_config
 from pgolf.errors import BudgetExceededError
 from pgolf.model.gpt import build_model, count_parameters
-from pgolf.train.loop import run_training
+from pgolf.train.run import run_training
 from tests.conftest import REPO, TINY_RUN, tiny_set_args
 
 

@@ -115,7 +115,7 @@ def load_eval_inputs(args: argparse.Namespace, device):
     from pgolf.data.tokenizer import load_tokenizer
     from pgolf.eval.bpb import load_byte_counter
     from pgolf.eval.standard import load_validation_tokens
-    from pgolf.submit.artifact import load_artifact_model
+    from pgolf.quant.artifact import load_artifact_model
 
     files = sorted(Path(p) for p in globlib.glob(args.val) if "_bytes_" not in Path(p).name)  # byte sidecars are not shards
     if not files:

@@ -7,6 +7,15 @@ import argparse
 from pgolf.cli.common import add_config_args, config_from_args, print_json
 
 
+def estimate_code_bytes() -> int:
+    """The code a run would count: the pgolf modules that training, export and evaluation load."""
+    import pgolf.eval.suite  # noqa: F401  (loaded by every run)
+    import pgolf.train.run  # noqa: F401
+    from pgolf.train.codesize import package_code_bytes
+
+    return package_code_bytes()
+
+
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="parameter counts of a preset, or the contents of an artifact")
     add_config_args(p)
@@ -23,7 +32,7 @@ def preset_report(args: argparse.Namespace) -> dict:
     from pgolf.config import diff_from_defaults, preset_meta
     from pgolf.model.gpt import build_model, count_parameters
     from pgolf.optim.groups import split_parameters
-    from pgolf.quant.predict import estimate_code_bytes, predict_artifact_bytes
+    from pgolf.quant.predict import predict_artifact_bytes
 
     cfg = config_from_args(args)
     model = build_model(cfg.model, "cpu")

@@ -106,7 +106,8 @@ def _evaluate(model, cfg, device) -> float:
 def export_run(run_dir: str | Path, overrides: list[str], out: str | Path, *, evaluate: bool = False, evaluate_raw: bool = False,
                quant_preset: str | None = None) -> dict:
     """Re-export a run (see the module docstring); returns the result dict that the CLI prints."""
-    from pgolf.submit.artifact import build_artifact, load_artifact_model, package_code_bytes
+    from pgolf.quant.artifact import build_artifact, load_artifact_model
+    from pgolf.train.codesize import package_code_bytes
     from pgolf.train.setup import apply_precision, autocast_dtype
 
     run_dir = Path(run_dir)

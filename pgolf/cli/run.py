@@ -33,7 +33,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pgolf.train.loop import run_training
+    from pgolf.train.run import run_training
 
     t0 = time.perf_counter()
     if args.data:

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from pgolf.cli.common import add_config_args, config_from_args, data_overrides
-from pgolf.submit.bundle import WRAPPERS
+from pgolf.train.codesize import WRAPPERS
 
 
 def register(sub) -> None:

@@ -48,7 +48,8 @@ def resume_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pgolf.train.loop import RunInterrupted, run_training
+    from pgolf.train.loop import RunInterrupted
+    from pgolf.train.run import run_training
 
     extra = data_overrides(args)
     if args.checkpoint_every is not None:

@@ -145,15 +145,6 @@ def _gaussian_estimate(cfg, code_bytes: int) -> dict:
     }
 
 
-def estimate_code_bytes() -> int:
-    """The code a run would count: the pgolf modules that training, export and evaluation load."""
-    import pgolf.eval.suite  # noqa: F401  (loaded by every run)
-    import pgolf.train.loop  # noqa: F401
-    from pgolf.submit.artifact import package_code_bytes
-
-    return package_code_bytes()
-
-
 def preflight(cfg, code_bytes: int, log) -> dict:
     """At run start: warn (``log(str)``) when the predicted artifact does not fit the budget.
     (The libraries the export needs are checked by ``pgolf.quant.codecs.require_export_libraries``.)"""

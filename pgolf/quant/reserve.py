@@ -9,10 +9,11 @@ reserve is not trusted here: it is checked against a measurement.
 * ``check_gptq_reserve`` refuses a reserve shorter than a measured collection with a one-line
   ``GPTQReserveError`` naming the key and the value to set.
 
-A run calls ``gptq_preflight`` at start (before the clock, like the compile warm-up): it refuses
-to train with a reserve that cannot hold the collection, or with ``quant.gptq_reserve_seconds = -1``
-(auto) sets the reserve to the measured time + 20%; after training the real collection is
-reported against the reserve used (``gptq_reserve_report``).
+A run calls ``gptq_preflight`` among its pre-flight checks (``pgolf.train.run.run_training``,
+before the run folder is touched and long before the clock starts): it refuses to train with a
+reserve that cannot hold the collection, or with ``quant.gptq_reserve_seconds = -1`` (auto) sets
+the reserve to the measured time + 20%; after training the real collection is logged against the
+reserve used (``gptq_reserve:...``, ``gptq_reserve_report``).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ eval time      every log's final evaluations (sum of their eval_time) <= 600 s
 one config     every log has the same configuration (train.seed aside)
 script config  train_gpt.py embeds that configuration (seed and data paths aside)
 score          val_loss / val_bpb == the mean of the logs' score lines
-full val       every run evaluated the whole validation split (no eval.max_val_tokens prefix; the
-               logged count equals the data manifest's, cut to whole windows as the challenge does)
+full val       every run evaluated the whole validation split (the logged count equals the data
+               manifest's, cut to whole windows as the challenge does; an eval.max_val_tokens that
+               cut the split fails, one that cannot be checked without the manifest fails too)
 disjoint       no training document is a validation document (manifest doc hashes)
 causality      the token-flip test of pgolf.eval.causality on the script's own code (plain,
                sliding, and the configured TTT: score-first, or phased on BOS-separated documents)
@@ -246,15 +247,18 @@ def _data_folder(r: Record) -> Path:
 def rule_full_val(r: Record) -> str:
     from pgolf.data.manifest import MANIFEST_NAME, read_manifest
 
+    caps = set()
     for f in r.logs:
-        cap = (f.config or {}).get("eval", {}).get("max_val_tokens", 0)
-        if cap:
-            raise UserError(f"{Path(f.path).name} evaluated only the first {cap:,} validation tokens (eval.max_val_tokens)")
+        caps.add((f.config or {}).get("eval", {}).get("max_val_tokens", 0))
         if f.val_tokens is None:
             raise UserError(f"{Path(f.path).name} logs no val_loader tokens count")
     counts = sorted({f.val_tokens for f in r.logs})
     folder = _data_folder(r)
     if not (folder / MANIFEST_NAME).is_file():
+        # eval.max_val_tokens only cuts a split longer than it; without the manifest that cannot be checked
+        if any(caps):
+            raise UserError(f"the runs set eval.max_val_tokens={max(caps):,} and the data folder {folder} is not here to "
+                            "show that the whole split was scored (pass --data DIR)")
         return f"no eval.max_val_tokens prefix; {counts[0]:,} targets (data folder {folder} not here to count them)"
     cfg = r.config()
     train_len = cfg.get("train", {}).get("train_seq_len", 0)
@@ -262,7 +266,9 @@ def rule_full_val(r: Record) -> str:
     total = read_manifest(folder)["val"]["tokens"]
     expected = (total - 1) // window * window
     if counts != [expected]:
-        raise UserError(f"logged {', '.join(map(str, counts))} validation targets; {folder} holds {total:,} tokens = {expected:,} targets in {window}-token windows")
+        cut = f" (eval.max_val_tokens={max(caps):,} scored a prefix)" if any(caps) else ""
+        raise UserError(f"logged {', '.join(map(str, counts))} validation targets; {folder} holds {total:,} tokens = "
+                        f"{expected:,} targets in {window}-token windows{cut}")
     return f"{expected:,} targets = all {total:,} validation tokens of {folder} in {window}-token windows"
 
 
@@ -322,7 +328,8 @@ json.dump(out, open(sys.argv[3], "w"))
 def rule_causality(r: Record, positions: int) -> str:
     import importlib.util
 
-    from pgolf.submit.bundle import LAUNCHER, BundleError, read_bundle
+    from pgolf.submit.bundle import BundleError, read_bundle
+    from pgolf.train.codesize import LAUNCHER
     from pgolf.submit.seeds import clean_env, probe_overrides, run_subprocess
 
     spec = importlib.util.find_spec("pgolf.eval.causality")

@@ -77,7 +77,7 @@ def main(config: dict, script: str) -> dict:
     except UserError as exc:
         print(f"error: {in_script_terms(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
-    from pgolf.train.loop import run_training
+    from pgolf.train.run import run_training
 
     code_bytes = os.path.getsize(script)
     if os.environ.get("RANK", "0") == "0":

@@ -193,7 +193,7 @@ def requirements_for(modules: dict[str, str], wrapper: str) -> list[str]:
                 tops.update(a.name.split(".")[0] for a in n.names)
             elif isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
                 tops.add(n.module.split(".")[0])
-    from pgolf.submit.bundle import CODEC_MODULE, codec_of
+    from pgolf.train.codesize import CODEC_MODULE, codec_of
 
     if codec_of(wrapper):
         tops.add(CODEC_MODULE[codec_of(wrapper)])

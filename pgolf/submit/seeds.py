@@ -80,7 +80,7 @@ def finished(run_dir: Path, cfg: RunConfig) -> bool:
 def run_seeds(cfg: RunConfig, seeds: list[int], out: str | Path) -> list[Path]:
     """Train ``cfg`` once per seed, sequentially (each a full run); returns the run folders.
     Finished seeds are kept, interrupted ones resume from their newest complete checkpoint."""
-    from pgolf.train.loop import run_training
+    from pgolf.train.run import run_training
 
     dirs = []
     for i, seed in enumerate(seeds):
@@ -129,8 +129,11 @@ def probe_overrides(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def make_probe_data(folder: Path, vocab_size: int) -> tuple[Path, Path]:
-    """A tiny data folder (random-token shards, a real BPE tokenizer trained on synthetic words)."""
+def make_probe_data(folder: Path, vocab_size: int, transform: str = "none") -> tuple[Path, Path]:
+    """A tiny data folder (random-token shards, a real BPE tokenizer trained on synthetic words).
+    With ``transform`` = the CaseOps one (``data.transform``), the folder is made by the real
+    pipeline (``pgolf.data.prepare``: operator pieces, manifest naming the transform, byte
+    sidecars) from synthetic words with some capitals, so the probe runs the transform's code."""
     from pgolf.data.shards import write_shard
     from pgolf.data.tokenizer import train_tokenizer
 
@@ -139,6 +142,19 @@ def make_probe_data(folder: Path, vocab_size: int) -> tuple[Path, Path]:
     docs = [" ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(200))
             for _ in range(300 * -(-vocab_size // 1024))]
     folder.mkdir(parents=True, exist_ok=True)
+    if transform != "none":
+        from pgolf.data.caseops import TRANSFORM_NAME
+        from pgolf.data.prepare import prepare_dataset
+
+        if transform != TRANSFORM_NAME:
+            raise UserError(f"data.transform={transform!r}: the probe data can only be made for none or {TRANSFORM_NAME}")
+        shout = lambda w, r: w.upper() if r < 0.05 else (w.capitalize() if r < 0.2 else w)  # noqa: E731 - CaseOps operators
+        docs = [" ".join(shout(w, rng.random()) for w in d.split()) for d in docs]
+        jsonl = folder.parent / f"{folder.name}.docs.jsonl"
+        jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+        manifest = prepare_dataset(jsonl, folder, train_tokenizer=True, vocab_size=vocab_size, val_docs=max(len(docs) // 10, 8),
+                                   progress=False, caseops=True)
+        return folder, folder / manifest["tokenizer"]["file"]
     tok = train_tokenizer(docs, folder / "probe_bpe.model", vocab_size)
     gen = np.random.default_rng(0)
     for name, n in (("fineweb_train_000000.bin", 16384), ("fineweb_val_000000.bin", 4096)):

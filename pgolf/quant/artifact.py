@@ -8,7 +8,6 @@ error; nothing is ever silently shrunk or recompressed with another codec.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -116,14 +115,37 @@ def load_artifact_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]
 
 
 def model_config_from_meta(meta: dict, source: str) -> ModelConfig:
-    from pgolf.config import RunConfig, apply_table
+    """The ModelConfig an artifact records, each value checked against the field's type (JSON
+    gives ints where a float field was a whole number); an unknown key or a wrong type is an
+    ArtifactError, never a silently different model."""
+    from dataclasses import MISSING, fields
 
-    cfg = RunConfig()
+    values = meta["model"]
+    if not isinstance(values, dict):
+        raise ArtifactError(f"{source}: the model metadata is not a table")
+    known = {f.name: f for f in fields(ModelConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ArtifactError(f"{source}: model metadata has unknown key(s) {unknown}; the artifact was written by another pgolf version")
+    typed = {}
+    for name, value in values.items():
+        f = known[name]
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, bool) or isinstance(value, bool):
+            ok = isinstance(value, bool) and isinstance(default, bool)
+        elif isinstance(default, float):
+            ok, value = isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ArtifactError(f"{source}: model.{name} = {value!r} in the metadata is not a {type(default).__name__}")
+        typed[name] = value
+    cfg = ModelConfig(**typed)
     try:
-        apply_table(cfg, {"model": meta["model"]}, f"{source} metadata")
+        cfg.validate()
     except ValueError as exc:
         raise ArtifactError(f"{source}: {exc}") from None
-    return cfg.model
+    return cfg
 
 
 def load_artifact_model(path: str | Path, device: torch.device | str = "cpu", attention_backend: str | None = None):
@@ -147,29 +169,3 @@ def load_artifact_model(path: str | Path, device: torch.device | str = "cpu", at
         for name, p in model.state_dict().items():
             p.copy_(state[name].to(device=p.device, dtype=p.dtype))
     return model, meta
-
-
-_NOT_SUBMITTED = (
-    "pgolf.cli",
-    "pgolf.submit.bundle",
-    "pgolf.submit.record",
-    "pgolf.submit.audit",
-    "pgolf.submit.stats",
-    "pgolf.data.prepare",
-    "pgolf.data.fetch",
-    "pgolf.data.demo",
-    "pgolf.data.manifest",
-)
-
-
-def package_code_bytes(cfg=None) -> int:
-    """Upper bound on the code bytes of this run's submission: the size of the single-file
-    ``train_gpt.py`` that ``pgolf bundle`` would generate from the pgolf modules loaded so far plus
-    every pgolf module they can import lazily (command-line and submission tooling excluded),
-    shaken, minified and lzma-packed (latin-1 literal) with ``cfg`` embedded (the full default config if None).
-    ``pgolf bundle`` writes the real file, a few KB smaller (fewer modules, the best wrapper); a
-    bundled train_gpt.py passes its exact size as ``code_bytes`` instead."""
-    from pgolf.submit.bundle import estimate_code_bytes
-
-    loaded = [name for name in list(sys.modules) if name.startswith("pgolf") and not name.startswith(_NOT_SUBMITTED)]
-    return estimate_code_bytes(loaded, cfg)
