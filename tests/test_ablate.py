@@ -220,3 +220,12 @@ def test_greedy_keeps_the_winning_change_and_drops_the_others(tmp_path, monkeypa
     assert "greedy: drop model.mlp_mult" in printed and "greedy: drop optim.scalar_lr" in printed
     assert "greedy: selected optim.matrix_lr=0.08" in printed
     assert "## Greedy decisions" in (tmp_path / "ablation.md").read_text()
+
+
+def test_values_with_commas_are_separated_by_semicolons():
+    from pgolf.submit.ablate import parse_vary
+
+    (opt,) = parse_vary(["train.seq_len_schedule=256:0;128:0,256:0.5"])
+    assert opt.values == ("256:0", "128:0,256:0.5")
+    (plain,) = parse_vary(["optim.matrix_lr=0.04,0.08"])
+    assert plain.values == ("0.04", "0.08")

@@ -85,9 +85,12 @@ def parse_vary(items: list[str]) -> list[Option]:
     options: list[Option] = []
     for item in items:
         key, sep, raw = item.partition("=")
-        values = tuple(v.strip() for v in raw.split(",") if v.strip())
+        # Values that contain commas themselves (a schedule "128:0,256:0.5", a list "[0.99,0.999]")
+        # are separated by ";" instead: when a ";" is present it is the separator.
+        values = tuple(v.strip() for v in raw.split(";" if ";" in raw else ",") if v.strip())
         if not sep or not key.strip() or len(values) < 2:
-            raise AblateError(f"--vary {item!r}: expected KEY=V1,V2[,...] with at least two values (the first is the baseline)")
+            raise AblateError(f"--vary {item!r}: expected KEY=V1,V2[,...] (or KEY=V1;V2;... when values contain commas) "
+                              "with at least two values (the first is the baseline)")
         key = key.strip()
         if key == "train.seed":
             raise AblateError("--vary train.seed: seeds are not a setting to ablate; use --seeds")
