@@ -20,6 +20,18 @@ from tests.conftest import TINY_RUN
 from tests.test_frontier_model import tiny
 
 
+@pytest.fixture(autouse=True)
+def _restore_newton_schulz():
+    """A compiled run installs compiled Newton-Schulz functions process-wide (pgolf.train.setup.
+    maybe_compile); later tests compare eager Muon bit for bit, so put the eager ones back."""
+    from pgolf.optim import newton_schulz
+
+    saved = {kind: newton_schulz.newton_schulz_impl(kind) for kind in ("standard", "polar_express")}
+    yield
+    for kind, fn in saved.items():
+        newton_schulz.set_newton_schulz_impl(fn, kind)
+
+
 def _loss_and_grads(fn, model, ids, targets):
     """Loss of ``fn`` (the model or its compiled wrapper) and the gradients it leaves on ``model``."""
     model.zero_grad(set_to_none=True)

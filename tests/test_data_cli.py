@@ -151,6 +151,6 @@ def test_python_dash_m_pgolf_reports_without_traceback(tmp_path: Path, inputs: t
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: tokenizer {tmp_path / 'missing.model'} does not exist; pass the .model file the shards were made "
-        "with (data.tokenizer) or prepare the data folder with `pgolf data prepare`"
+        f"error: --tokenizer {tmp_path / 'missing.model'}: no such file; pass an existing SentencePiece .model, "
+        "or --train-tokenizer to train one on the documents"
     ]

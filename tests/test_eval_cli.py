@@ -131,12 +131,16 @@ def test_final_evaluations_log_the_challenge_lines_and_return_the_summary_keys(b
                 "val_targets_sliding", "val_bpb_ttt", "eval_seconds_ttt", "eval_estimate_8xh100_seconds"):
         assert key in out, key
     assert out["sliding_stride"] == 8 and out["val_targets_sliding"] == out["val_targets_roundtrip"] == tokens.numel() - 1
-    names = [line.split(" ")[0] for line in log.lines]
+    # each evaluation is announced with its estimated time (no training rate here: "unknown")
+    estimates = [line for line in log.lines if line.startswith("eval_estimate pass:")]
+    assert [e.split(" ")[1] for e in estimates] == ["pass:roundtrip", "pass:sliding"] and all("seconds:unknown" in e for e in estimates)
+    lines = [line for line in log.lines if not line.startswith("eval_estimate pass:")]
+    names = [line.split(" ")[0] for line in lines]
     assert names == ["final_int6_roundtrip", "final_int6_roundtrip_exact", "final_int6_sliding_window",
                      "final_int6_sliding_window_exact", "legal_ttt", "legal_ttt_exact", "eval_estimate_8xh100"]
-    exact = log.lines[3]
+    exact = lines[3]
     assert exact == f"final_int6_sliding_window_exact val_loss:{out['val_loss_sliding']:.8f} val_bpb:{out['val_bpb_sliding']:.8f}"
-    assert log.lines[2].startswith("final_int6_sliding_window stride:8 val_loss:") and "eval_time:" in log.lines[2]
+    assert lines[2].startswith("final_int6_sliding_window stride:8 val_loss:") and "eval_time:" in lines[2]
 
 
 @pytest.mark.slow
