@@ -38,7 +38,7 @@ import struct
 
 import numpy as np
 
-from pgolf.quant.bitpack import pack_bits, packed_nbytes, unpack_bits
+from pgolf.quant.bitpack import packed_nbytes
 
 EDGES = np.arange(1, 16, dtype=np.int64)  # |v| bucket edges: 0, 1, ..., 14, 15+ (v = q, centred)
 N_PREV = 2 * len(EDGES) + 1  # 31 sign-symmetric classes
@@ -239,19 +239,27 @@ def greedy_l2_order(u: np.ndarray, dims: int = 128) -> np.ndarray:
         x = x.float().contiguous()
         rows = x.shape[0]
         sq = (x * x).sum(dim=1)
-        dead = torch.zeros(rows, dtype=torch.bool)
-        inf = torch.tensor(float("inf"))
-        order = np.empty(rows, dtype=np.int64)
-        last = 0
-        for i in range(rows):
-            order[i] = last
-            dead[last] = True
-            if i + 1 == rows:
-                break
-            d = torch.where(dead, inf, torch.addmv(sq, x, x[last], alpha=-2.0))
-            last = int(torch.argmin(d))
+        order = greedy_chain(rows, lambda last: torch.addmv(sq, x, x[last], alpha=-2.0))
     finally:
         torch.set_num_threads(threads)
+    return order
+
+
+def greedy_chain(rows: int, distances_from) -> np.ndarray:
+    """Greedy nearest-neighbour order of ``rows`` items: start at 0, then repeatedly the unused item
+    with the smallest ``distances_from(last)`` (a tensor over all items; ties: the lowest index)."""
+    import torch
+
+    dead = torch.zeros(rows, dtype=torch.bool)
+    inf = torch.tensor(float("inf"))
+    order = np.empty(rows, dtype=np.int64)
+    last = 0
+    for i in range(rows):
+        order[i] = last
+        dead[last] = True
+        if i + 1 == rows:
+            break
+        last = int(torch.argmin(torch.where(dead, inf, distances_from(last))))
     return order
 
 

@@ -104,18 +104,10 @@ def greedy_l1_order(q: np.ndarray) -> np.ndarray:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        from pgolf.quant.ctxcoder import greedy_chain
+
         x = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-        dead = torch.zeros(rows, dtype=torch.bool)
-        inf = torch.tensor(float("inf"))
-        order = np.empty(rows, dtype=np.int64)
-        last = 0
-        for i in range(rows):
-            order[i] = last
-            dead[last] = True
-            if i + 1 == rows:
-                break
-            dist = torch.where(dead, inf, (x - x[last]).abs().sum(dim=1))
-            last = int(torch.argmin(dist))
+        order = greedy_chain(rows, lambda last: (x - x[last]).abs().sum(dim=1))
     finally:
         torch.set_num_threads(threads)
     return order
@@ -202,7 +194,6 @@ def decode_pergroup(blob: bytes, source: str = "<pergroup>") -> tuple[dict, list
 
 
 def _decode(blob: bytes) -> tuple[dict, list[QTensor]]:
-    from pgolf.quant.codecs import decompress
     from pgolf.quant.lqer import Lqer, check_lqer
 
     if blob[:4] != MAGIC:
