@@ -22,9 +22,12 @@ def test_doctor_json_cpu_profile(capsys):
     assert m["cpu_count"] >= 1
     # the compile probe ran: usable, or the reason in one line
     assert isinstance(m["torch_compile"], bool) and m["torch_compile_detail"] and "\n" not in m["torch_compile_detail"]
-    # the cpu profile's choices: CPU, SDPA, no compile, bf16 autocast, gloo
+    # the cpu profile's choices: CPU, SDPA, no compile, bf16 autocast only with native bf16, gloo
+    from pgolf.train.setup import cpu_native_bf16
+
     assert r == {**r, "preset": "pr401", "profile": "cpu", "device": "cpu", "attention_backend": "sdpa",
-                 "compile": False, "autocast": "bfloat16"}
+                 "compile": False, "autocast": "bfloat16" if cpu_native_bf16() else "off"}
+    assert r["autocast_reason"].startswith("auto:")
     assert r["distributed_backend"].startswith("gloo")
 
 
@@ -49,3 +52,29 @@ def test_doctor_bad_input(capsys):
     assert main(["doctor", "--preset", "pr999", "--no-compile-check"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "pr999" in err[0]
+
+
+def test_cpu_native_bf16_reads_the_flags():
+    from pgolf.train.config import TrainConfig
+    from pgolf.train.setup import autocast_dtype, cpu_native_bf16
+
+    assert cpu_native_bf16("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n") is False
+    assert cpu_native_bf16("flags\t\t: fpu avx512f avx512_bf16\n") is True
+    assert cpu_native_bf16("flags\t\t: fpu amx_tile amx_bf16\n") is True
+    assert cpu_native_bf16("") is False
+    # explicit settings win over the detection; auto on CUDA is bf16 whatever the host CPU
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert autocast_dtype(TrainConfig(autocast="bf16"), cpu) is torch.bfloat16
+    assert autocast_dtype(TrainConfig(autocast="off"), cuda) is None
+    assert autocast_dtype(TrainConfig(autocast="auto"), cuda) is torch.bfloat16
+    assert autocast_dtype(TrainConfig(autocast="auto"), cpu) is (torch.bfloat16 if cpu_native_bf16() else None)
+
+
+def test_compile_cache_is_persistent_unless_the_user_chose_one(monkeypatch, tmp_path):
+    from pgolf.train.setup import persistent_compile_cache
+
+    monkeypatch.setenv("PGOLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert persistent_compile_cache() == str(tmp_path / "cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert persistent_compile_cache() == str(tmp_path / "mine")

@@ -15,6 +15,20 @@ def add_config_args(p: argparse.ArgumentParser, default_preset: str = "baseline"
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
 
 
+def add_tracker_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracker", choices=("tensorboard", "wandb"), default=None,
+                   help="also send every metrics.jsonl event to TensorBoard (RUN/tensorboard/) or an offline W&B run "
+                        "(RUN/wandb/); needs the extra: pip install -e \".[tensorboard]\" or \".[wandb]\"")
+
+
+def require_tracker_arg(args: argparse.Namespace) -> None:
+    """A missing tracker package is one error line before anything is prepared or trained."""
+    if getattr(args, "tracker", None):
+        from pgolf.train.tracker import require_tracker
+
+        require_tracker(args.tracker)
+
+
 def config_from_args(args: argparse.Namespace, extra: list[tuple[str, object]] | None = None) -> RunConfig:
     overrides = list(extra or []) + parse_set_args(args.overrides)
     return load_config(args.preset, args.profile, overrides)

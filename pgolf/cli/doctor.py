@@ -112,7 +112,7 @@ def run_report(cfg) -> dict:
     from pgolf.errors import UserError
     from pgolf.model.attention import _import_varlen, resolve_attention_kernel
     from pgolf.train.distributed import process_group_backend, resolve_device
-    from pgolf.train.setup import autocast_dtype, use_compile
+    from pgolf.train.setup import autocast_dtype, autocast_reason, use_compile
 
     out: dict = {"preset": cfg.preset, "profile": cfg.profile}
     try:
@@ -139,6 +139,7 @@ def run_report(cfg) -> dict:
     out["compile"] = use_compile(cfg.train, device)
     dtype = autocast_dtype(cfg.train, device)
     out["autocast"] = str(dtype).replace("torch.", "") if dtype is not None else "off"
+    out["autocast_reason"] = autocast_reason(cfg.train, device)
     out["distributed_backend"] = process_group_backend(device) + " (under torchrun; one process otherwise)"
     return out
 

@@ -41,7 +41,7 @@ def register(sub) -> None:
                    help="any ttt key, e.g. --ttt-set prefix_docs=2000 --ttt-set doc_beta2=0.999 (repeatable)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto",
-                   help="bf16 autocast: auto = on for CUDA (use bf16 to match a run trained with train.autocast=bf16 on CPU)")
+                   help="bf16 autocast: auto = the training rule (CUDA, or a CPU with native bf16), as train.autocast=auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -153,7 +153,10 @@ def run(args: argparse.Namespace) -> int:
             args.stride = min(64, seq_len)
         if args.stride and not 1 <= args.stride <= seq_len:
             raise ConfigError(f"--stride {args.stride}: must be between 1 and the sequence length {seq_len} (0 turns the sliding eval off)")
-        amp = torch.bfloat16 if args.autocast == "bf16" or (args.autocast == "auto" and device.type == "cuda") else None
+        from pgolf.train.config import TrainConfig
+        from pgolf.train.setup import autocast_dtype
+
+        amp = autocast_dtype(TrainConfig(autocast=args.autocast), device)  # the same rule as training
         show = not args.json and ctx.is_main
         dist_kw = dict(device=device, rank=ctx.rank, world_size=ctx.world_size, autocast_dtype=amp, progress=show)
         std = evaluate_standard(model.token_nll, val_tokens, seq_len, lut, batch_tokens=max(args.batch_tokens, seq_len), **dist_kw)

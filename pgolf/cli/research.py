@@ -1,5 +1,6 @@
 """Research commands: ``pgolf ablate`` (settings against a recipe, with seeds and statistics),
-``pgolf compare`` (runs side by side) and ``pgolf runs`` (the runs under a folder and their status).
+``pgolf compare`` (runs side by side), ``pgolf runs`` (the runs under a folder and their status) and
+``pgolf track`` (a run's metrics.jsonl replayed into TensorBoard or W&B).
 The logic lives in :mod:`pgolf.submit.ablate` and :mod:`pgolf.submit.compare`."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pgolf.cli.common import add_config_args, data_overrides, print_json
+from pgolf.cli.common import add_config_args, add_tracker_arg, data_overrides, print_json
 
 
 def register(sub) -> None:
@@ -33,6 +34,12 @@ def register(sub) -> None:
     p.add_argument("--greedy", action="store_true", help="forward selection over the --vary options instead of the full grid")
     p.add_argument("--margin", type=float, default=0.0, help="--greedy keeps a change when it lowers the mean val_bpb by more than this (default 0)")
     p.add_argument("--min-gain-nats", type=float, default=0.0, help="the Welch test's H1: the cell beats the first cell by more than this (default 0)")
+    p.add_argument("--devices", default="auto", metavar="auto|inprocess|DEV,DEV,...",
+                   help="where cells train: auto (default) = concurrently, one child process per visible CUDA device, when "
+                        "there are more than one, else one after another in this process; inprocess = always here; or a "
+                        "list such as cuda:0,cuda:1 (cpu,cpu: CPU children, for tests or multi-socket machines). "
+                        "Each child's output: OUT/cells/<cell>/ablate-child.log")
+    add_tracker_arg(p)
     p.set_defaults(func=run_ablate)
 
     p = sub.add_parser("compare", help="one table (settings that differ, steps, tok/s, val_bpb, bytes) for several runs",
@@ -50,6 +57,15 @@ def register(sub) -> None:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=run_runs)
+
+    p = sub.add_parser("track", help="replay finished (or partial) runs' metrics.jsonl into TensorBoard or an offline W&B run",
+                       description="For each run folder (folders, quoted globs or folders of run folders): feed its "
+                       "metrics.jsonl through the same adapter --tracker uses during training, into RUN/tensorboard/ or "
+                       "RUN/wandb/. A run that already has that folder is refused unless --overwrite.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, globs (quoted) or folders holding run folders")
+    p.add_argument("--tracker", required=True, choices=("tensorboard", "wandb"))
+    p.add_argument("--overwrite", action="store_true", help="replace a tracker folder the run already has")
+    p.set_defaults(func=run_track)
 
 
 def _budget_overrides(args: argparse.Namespace) -> tuple[list[tuple[str, object]], str]:
@@ -76,15 +92,16 @@ def run_ablate(args: argparse.Namespace) -> int:
     budget_overrides, budget = _budget_overrides(args)
     # --steps / --seconds come last: they win over the same keys given with --set
     ablation = Ablation(args.preset, args.profile, data_overrides(args) + parse_set_args(args.overrides) + budget_overrides,
-                        seeds, Path(args.out), options, min_gain_nats=args.min_gain_nats)
+                        seeds, Path(args.out), options, min_gain_nats=args.min_gain_nats, tracker=args.tracker,
+                        devices=args.devices)
     command = ablate_command(args)
     try:
-        run_ablation(ablation, greedy=args.greedy, margin=args.margin, command=command, budget=budget)
+        report = run_ablation(ablation, greedy=args.greedy, margin=args.margin, command=command, budget=budget)
     except RunInterrupted as exc:
-        print(f"interrupted at step {exc.step}; checkpoint saved; rerun the same command to resume "
-              "(finished cells are kept)", file=sys.stderr)
+        where = "interrupted" if exc.step is None else f"interrupted at step {exc.step}"  # None: cells in child processes
+        print(f"{where}; checkpoint saved; rerun the same command to resume (finished cells are kept)", file=sys.stderr)
         return 128 + (exc.signum or signal.SIGINT)
-    return 0
+    return 1 if any(c.get("failed") for c in report["cells"]) else 0  # a child process failed (reported above)
 
 
 def ablate_command(args: argparse.Namespace) -> str:
@@ -104,6 +121,10 @@ def ablate_command(args: argparse.Namespace) -> str:
         parts += ["--greedy", "--margin", f"{args.margin:g}"]
     if args.min_gain_nats:
         parts += ["--min-gain-nats", f"{args.min_gain_nats:g}"]
+    if args.devices != "auto":
+        parts += ["--devices", args.devices]
+    if args.tracker:
+        parts += ["--tracker", args.tracker]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -133,4 +154,20 @@ def run_runs(args: argparse.Namespace) -> int:
         print(f"no run folders under {root}")
     else:
         print(runs_table(infos, root))
+    return 0
+
+
+def run_track(args: argparse.Namespace) -> int:
+    from pgolf.submit.compare import expand_run_args
+    from pgolf.train.tracker import replay, require_tracker
+
+    require_tracker(args.tracker)
+    runs = expand_run_args(args.runs)
+    for run in runs:
+        count, folder = replay(run, args.tracker, overwrite=args.overwrite)
+        print(f"{run}: {count} events -> {folder}")
+    if args.tracker == "tensorboard":
+        print(f"view with: tensorboard --logdir {args.runs[0] if len(args.runs) == 1 else '<a folder holding the runs>'}")
+    else:
+        print("upload with: wandb sync RUN/wandb/offline-run-*")
     return 0

@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pgolf.cli.common import add_config_args, config_from_args
+from pgolf.cli.common import add_config_args, add_tracker_arg, config_from_args, require_tracker_arg
 from pgolf.config import load_config, parse_set_args
 from pgolf.errors import ConfigError
 
@@ -29,6 +29,7 @@ def register(sub) -> None:
                              "the count its step schedules were scaled for)")
     budget.add_argument("--seconds", type=float, default=None, help="train for a wallclock cap instead of a step count")
     p.add_argument("--data", default=None, help="train on this data folder instead of the demo corpus")
+    add_tracker_arg(p)
     p.set_defaults(func=run)
 
 
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from pgolf.train.run import run_training
 
     t0 = time.perf_counter()
+    require_tracker_arg(args)
     if args.data:
         data_dir, corpus = Path(args.data), str(args.data)
     else:
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     # --steps / --seconds win over the same keys given with --set (as in pgolf ablate)
     cfg = load_config(args.preset, args.profile, [("data.path", str(data_dir))] + parse_set_args(args.overrides) + budget)
     out = Path(args.out or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = run_training(cfg, out)
+    summary = run_training(cfg, out, tracker=args.tracker)
     wall = time.perf_counter() - t0
     print()
     print(format_summary_table(summary, cfg.preset, cfg.profile, corpus, out, wall))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pgolf.cli.common import add_config_args, config_from_args, data_overrides
+from pgolf.cli.common import add_config_args, add_tracker_arg, config_from_args, data_overrides, require_tracker_arg
 from pgolf.train.codesize import WRAPPERS
 
 
@@ -47,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("--data", default=None, help="data folder (sets data.path)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (sets data.tokenizer)")
     p.add_argument("--out", required=True, help="folder for the seed runs")
+    add_tracker_arg(p)
     _add_test_args(p, against_required=False)
     p.set_defaults(func=run_seeds)
 
@@ -103,8 +104,9 @@ def run_record(args: argparse.Namespace) -> int:
 def run_seeds(args: argparse.Namespace) -> int:
     from pgolf.submit.seeds import parse_seeds, run_seeds as train_seeds
 
+    require_tracker_arg(args)
     cfg = config_from_args(args, data_overrides(args))
-    dirs = train_seeds(cfg, parse_seeds(args.seeds), args.out)
+    dirs = train_seeds(cfg, parse_seeds(args.seeds), args.out, tracker=args.tracker)
     print()
     return _print_stats([str(d) for d in dirs], args)
 

@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pgolf.cli.common import add_config_args, config_from_args, data_overrides
+from pgolf.cli.common import add_config_args, add_tracker_arg, config_from_args, data_overrides, require_tracker_arg
 
 
 def register(sub) -> None:
@@ -25,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help="checkpoint every N steps (sets train.checkpoint_every)")
     p.add_argument("--seed", type=int, default=None, help="sets train.seed")
+    add_tracker_arg(p)
     p.set_defaults(func=run)
 
 
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from pgolf.train.loop import RunInterrupted
     from pgolf.train.run import run_training
 
+    require_tracker_arg(args)
     extra = data_overrides(args)
     if args.checkpoint_every is not None:
         extra.append(("train.checkpoint_every", args.checkpoint_every))
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, extra)
         out, mode = args.out, "overwrite" if args.overwrite else "new"
     try:
-        summary = run_training(cfg, out, mode=mode)
+        summary = run_training(cfg, out, mode=mode, tracker=args.tracker)
     except RunInterrupted as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"interrupted at step {exc.step}; checkpoint saved; continue with: pgolf train --resume {out}", file=sys.stderr)

@@ -22,7 +22,16 @@ the first cell by more than ``--min-gain-nats``, default 0), i.e. ``pgolf stats 
 --against FIRST/seed_* --min-gain-nats 0``. A run that diverges is counted, not averaged, and the
 sweep goes on (a diverging learning rate is a result); rerunning does not retry it.
 
-Cells run one after another in this process, on the device the configuration names. Outputs:
+Where cells run (``--devices``, :func:`resolve_devices`): by default (``auto``) one after another
+in this process, on the device the configuration names; when more than one CUDA device is visible
+(and the cells do not ask for ``train.device=cpu``), concurrently, one child process per device,
+each seeing only its own device (``CUDA_VISIBLE_DEVICES``). A child trains its cell's seeds with
+the same code as the in-process path (:func:`train_seeds`) into the same cell folder, so keeping
+finished runs and resuming interrupted ones work the same; its output goes to
+``OUT/cells/<cell>/ablate-child.log``. A child that fails is reported with the cell and that log,
+and the sweep goes on (the cell counts the runs it finished). ``--devices cpu,cpu`` runs CPU
+children (for tests, or a machine with several sockets). ``--greedy`` runs each round's
+alternatives concurrently. Outputs:
 ``ablation.json``, ``ablation.md`` and ``ablation.png`` (val_bpb per cell with error bars, and the
 training loss curves), all written atomically.
 """
@@ -34,7 +43,13 @@ import datetime as _dt
 import hashlib
 import itertools
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -143,6 +158,8 @@ class Ablation:
     options: list[Option]
     min_gain_nats: float = 0.0
     results: dict[str, "CellResult"] = field(default_factory=dict)  # by cell name, in run order
+    tracker: str | None = None  # every run's metrics also to tensorboard / wandb (pgolf.train.tracker)
+    devices: str = "auto"  # --devices: where cells run (resolve_devices)
 
     def cell_config(self, cell: Cell) -> RunConfig:
         set_keys = {k for k, _ in self.overrides}
@@ -162,6 +179,7 @@ class CellResult:
     finished: list[Path]  # seed folders with a score
     diverged: list[Path]
     stats: dict[str, Any]  # the JSON cell (name, settings, n, mean, std, p, ...)
+    failure: str | None = None  # a child process that failed: its exit code and log
 
     @property
     def mean(self) -> float | None:
@@ -169,29 +187,217 @@ class CellResult:
 
 
 def train_cell(ablation: Ablation, cell: Cell) -> tuple[list[Path], list[Path]]:
-    """Train one cell once per seed (kept / resumed / new as :func:`run_seeds` decides); returns
-    (finished seed folders, diverged ones). A divergence ends that seed, not the sweep."""
+    """Train one cell once per seed in this process (kept / resumed / new as :func:`run_seeds`
+    decides); returns (finished seed folders, diverged ones)."""
+    return train_seeds(ablation.cell_config(cell), cell.name, ablation.cell_dir(cell), ablation.seeds, ablation.tracker)
+
+
+def train_seeds(cfg: RunConfig, name: str, folder: Path, seeds: list[int], tracker: str | None = None) -> tuple[list[Path], list[Path]]:
+    """A cell's seeds, one after another: what :func:`train_cell` runs in this process and a child
+    process of :func:`train_in_processes` runs on its device. A divergence ends that seed, not the sweep."""
     from pgolf.submit.seeds import run_seeds, seed_dir
     from pgolf.train.loop import TrainingDivergedError
 
-    cfg = ablation.cell_config(cell)
-    folder = ablation.cell_dir(cell)
     finished, diverged = [], []
-    for seed in ablation.seeds:
+    for seed in seeds:
         run_dir = seed_dir(folder, seed)
         if run_dir.is_dir() and run_status(run_dir)[0] == "diverged":
-            print(f"[{cell.name}] seed {seed}: diverged in an earlier attempt; not retried", flush=True)
+            print(f"[{name}] seed {seed}: diverged in an earlier attempt; not retried", flush=True)
             diverged.append(run_dir)
             continue
         try:
-            print(f"[{cell.name}]", end=" ", flush=True)
-            run_seeds(cfg, [seed], folder)
+            print(f"[{name}]", end=" ", flush=True)
+            run_seeds(cfg, [seed], folder, tracker=tracker)
         except TrainingDivergedError as exc:
-            print(f"[{cell.name}] seed {seed}: {exc}", flush=True)
+            print(f"[{name}] seed {seed}: {exc}", flush=True)
             diverged.append(run_dir)
             continue
         finished.append(run_dir)
     return finished, diverged
+
+
+# ------------------------------------------------------------------------------------------------
+# cells in child processes, one per device
+
+CHILD_LOG = "ablate-child.log"
+_CHILD_SPEC = ".ablate-child.json"
+_CHILD_CODE = "import sys; from pgolf.submit.ablate import child_main; sys.exit(child_main(sys.argv[1]))"
+
+
+def resolve_devices(spec: str | None, train_devices: set[str]) -> list[str] | None:
+    """``--devices``: None = the cells one after another in this process; else one child process per
+    entry (``cuda:N`` or ``cpu``; an entry given twice runs two cells there at once). ``auto``: every
+    visible CUDA device when there are more than one and no cell asks for ``train.device=cpu``.
+    ``inprocess``: this process, whatever is visible. ``train_devices``: the cells' ``train.device``."""
+    spec = (spec or "auto").strip()
+    if spec in ("auto", "inprocess"):
+        if spec == "inprocess" or "cpu" in train_devices:
+            return None
+        import torch
+
+        count = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(count)] if count > 1 else None
+    devices = [d.strip() for d in spec.split(",")]
+    count = None
+    for d in devices:
+        if d == "cpu":
+            if "cuda" in train_devices:
+                raise AblateError(f"--devices {spec}: a cpu child cannot run cells with train.device=cuda; "
+                                  "set train.device=auto (or cpu) or give cuda:N devices")
+            continue
+        m = re.fullmatch(r"cuda:(\d+)", d)
+        if not m:
+            raise AblateError(f"--devices {spec}: {d!r} is not a device; give auto, inprocess, or a comma-separated "
+                              "list of cuda:N and cpu (e.g. cuda:0,cuda:1)")
+        if "cpu" in train_devices:
+            raise AblateError(f"--devices {spec}: the cells have train.device=cpu and would not use {d}; "
+                              "set train.device=auto (or cuda) or pass --devices cpu,...")
+        if count is None:
+            import torch
+
+            count = torch.cuda.device_count()
+        if int(m.group(1)) >= count:
+            fix = f"give cuda:0..cuda:{count - 1}" if count else "use --devices auto or cpu"
+            raise AblateError(f"--devices {spec}: {d} is not visible ({count} CUDA device(s)); {fix}")
+    return devices
+
+
+def child_env(device: str) -> dict[str, str]:
+    """The environment of a child on ``device``: it sees that device only (cuda:0 inside it)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        index = int(device.split(":")[1])
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+    return env
+
+
+def _settle(cfg: RunConfig, folder: Path, seeds: list[int]) -> tuple[list[Path], list[Path], list[int]]:
+    """(finished, diverged, seeds still to train) of a cell, read from its folder; SeedsError for a
+    seed folder that holds another configuration."""
+    from pgolf.submit.seeds import run_mode, seed_dir
+
+    finished, diverged, todo = [], [], []
+    for seed in seeds:
+        run_dir = seed_dir(folder, seed)
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.train.seed = seed
+        if run_dir.is_dir() and run_status(run_dir)[0] == "diverged":
+            diverged.append(run_dir)
+        elif run_mode(run_dir, run_cfg) is None:
+            finished.append(run_dir)
+        else:
+            todo.append(seed)
+    return finished, diverged, todo
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def train_in_processes(ablation: Ablation, cells: list[Cell], devices: list[str]) -> dict[str, tuple[list[Path], list[Path], str | None]]:
+    """Train ``cells`` concurrently, one child process per entry of ``devices`` at a time; returns
+    by cell name (finished, diverged, failure). Cells whose seeds are all settled start no child.
+    SIGINT/SIGTERM are passed on to the children (each checkpoints and stops); RunInterrupted once
+    they have all ended."""
+    from pgolf.config import to_dict
+    from pgolf.quant.container import write_bytes_atomic
+    from pgolf.train.loop import RunInterrupted
+
+    configs = {c.name: ablation.cell_config(c) for c in cells}
+    settled = {c.name: _settle(configs[c.name], ablation.cell_dir(c), ablation.seeds) for c in cells}  # pre-flight
+    outcome: dict[str, tuple[list[Path], list[Path], str | None]] = {}
+    queue = []
+    for cell in cells:
+        finished, diverged, todo = settled[cell.name]
+        if todo:
+            queue.append(cell)
+            continue
+        for run_dir in finished:
+            print(f"[{cell.name}] {run_dir} already holds this run; kept", flush=True)
+        for run_dir in diverged:
+            print(f"[{cell.name}] {run_dir}: diverged in an earlier attempt; not retried", flush=True)
+        outcome[cell.name] = (finished, diverged, None)
+
+    free = list(range(len(devices)))
+    running: dict[int, tuple[Cell, subprocess.Popen, Any, float]] = {}
+    stop: list[int] = []
+
+    def forward(signum, frame):  # every signal to every child: the first checkpoints, a second stops at once
+        stop.append(signum)
+        for _cell, proc, _log, _t in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {}
+    if queue and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, forward)
+    try:
+        while queue or running:
+            while queue and free and not stop:
+                cell, slot = queue.pop(0), free.pop(0)
+                folder = ablation.cell_dir(cell)
+                folder.mkdir(parents=True, exist_ok=True)
+                spec = {"name": cell.name, "folder": str(folder), "seeds": ablation.seeds, "tracker": ablation.tracker,
+                        "device": devices[slot], "config": to_dict(configs[cell.name])}
+                write_bytes_atomic(folder / _CHILD_SPEC, json.dumps(spec, default=str).encode())
+                log = open(folder / CHILD_LOG, "a", encoding="utf-8")
+                log.write(f"==== pgolf ablate child: cell {cell.name} on {devices[slot]}, seeds {ablation.seeds}, "
+                          f"{_dt.datetime.now().isoformat(timespec='seconds')} ====\n")
+                log.flush()
+                # a session of its own: a Ctrl-C reaches the children once, passed on by forward()
+                proc = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, str(folder / _CHILD_SPEC)], stdout=log,
+                                        stderr=subprocess.STDOUT, env=child_env(devices[slot]), start_new_session=True)
+                running[slot] = (cell, proc, log, time.perf_counter())
+                print(f"[{cell.name}] started on {devices[slot]} (pid {proc.pid}); log: {folder / CHILD_LOG}", flush=True)
+            time.sleep(0.1)
+            for slot, (cell, proc, log, t0) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                del running[slot]
+                free.append(slot)
+                finished, diverged, todo = _settle(configs[cell.name], ablation.cell_dir(cell), ablation.seeds)
+                path = ablation.cell_dir(cell) / CHILD_LOG
+                failure = None
+                if rc != 0 and not stop:
+                    failure = f"child process on {devices[slot]} exited with code {rc}: {_last_line(path)} (log: {path})"
+                    print(f"[{cell.name}] FAILED: {failure}; the sweep goes on", flush=True)
+                else:
+                    print(f"[{cell.name}] {'stopped' if stop else 'done'} on {devices[slot]} in {time.perf_counter() - t0:.1f} s: "
+                          f"{len(finished)} finished" + (f", {len(diverged)} diverged" if diverged else ""), flush=True)
+                outcome[cell.name] = (finished, diverged, failure)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop:
+        raise RunInterrupted(None, stop[0])
+    return outcome
+
+
+def child_main(spec_path: str) -> int:
+    """The child process of :func:`train_in_processes`: train one cell's seeds (:func:`train_seeds`)."""
+    from pgolf.config import from_dict
+    from pgolf.train.loop import RunInterrupted
+
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    try:
+        train_seeds(from_dict(spec["config"]), spec["name"], Path(spec["folder"]), list(spec["seeds"]), spec.get("tracker"))
+    except UserError as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
+    except RunInterrupted as exc:
+        print(f"interrupted at step {exc.step}; checkpoint saved", flush=True)
+        return 128 + (exc.signum or signal.SIGINT)
+    return 0
 
 
 def _mean_std_or_none(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -205,12 +411,14 @@ def _score_kind(score_name: str | None) -> str:
     return next((k for k in SCORE_PREFERENCE if score_name and score_name.endswith(k)), score_name or "?")
 
 
-def summarize_cell(cell: Cell, folder: Path, finished: list[Path], diverged: list[Path]) -> dict[str, Any]:
+def summarize_cell(cell: Cell, folder: Path, finished: list[Path], diverged: list[Path], failure: str | None = None) -> dict[str, Any]:
     """The cell's statistics from its run folders; the score comes from :func:`load_sample`, the
-    reader of ``pgolf stats``, so the two always agree."""
+    reader of ``pgolf stats``, so the two always agree. ``failure``: why a child process failed."""
     out: dict[str, Any] = {"name": cell.name, "settings": dict(cell.settings), "folder": str(folder),
                            "runs": [str(p) for p in finished], "n": len(finished), "diverged": len(diverged),
                            "metric": None, "mean": None, "std": None, "values": [], "val_loss_mean": None}
+    if failure:
+        out["failed"] = failure
     if not finished:
         return out
     sample = load_sample(finished, cell.name)
@@ -253,36 +461,51 @@ def welch_against_first(cell: dict[str, Any], reference: dict[str, Any], min_gai
 
 def evaluate(ablation: Ablation, cell: Cell, trainer: Callable[[Ablation, Cell], tuple[list[Path], list[Path]]] | None = None) -> CellResult:
     """Train (or reuse) a cell and compute its statistics; memoised per cell within one sweep."""
-    if cell.name in ablation.results:
-        return ablation.results[cell.name]
-    finished, diverged = (trainer or train_cell)(ablation, cell)
-    result = CellResult(cell, ablation.cell_dir(cell), finished, diverged,
-                        summarize_cell(cell, ablation.cell_dir(cell), finished, diverged))
-    ablation.results[cell.name] = result
-    first = next(iter(ablation.results.values()))
-    welch_against_first(result.stats, first.stats, ablation.min_gain_nats)
-    return result
+    return evaluate_all(ablation, [cell], trainer)[0]
 
 
-def run_grid(ablation: Ablation, trainer=None) -> list[CellResult]:
+def evaluate_all(ablation: Ablation, cells: list[Cell], trainer=None, pool: list[str] | None = None) -> list[CellResult]:
+    """Train (or reuse) ``cells``, then compute their statistics in the order given; memoised per
+    cell within one sweep. With a ``pool`` of devices (and no custom ``trainer``) the cells train
+    concurrently in child processes (:func:`train_in_processes`), else one after another here."""
+    todo = [c for i, c in enumerate(cells) if c.name not in ablation.results and c.name not in {d.name for d in cells[:i]}]
+    if pool and trainer is None and todo:
+        trained = train_in_processes(ablation, todo, pool)
+    else:  # one at a time, each scored before the next trains (as before: a crash keeps what is done)
+        trained = None
+    for cell in todo:
+        if trained is not None:
+            finished, diverged, failure = trained[cell.name]
+        else:
+            (finished, diverged), failure = (trainer or train_cell)(ablation, cell), None
+        result = CellResult(cell, ablation.cell_dir(cell), finished, diverged,
+                            summarize_cell(cell, ablation.cell_dir(cell), finished, diverged, failure), failure)
+        ablation.results[cell.name] = result
+        first = next(iter(ablation.results.values()))
+        welch_against_first(result.stats, first.stats, ablation.min_gain_nats)
+    return [ablation.results[c.name] for c in cells]
+
+
+def run_grid(ablation: Ablation, trainer=None, pool: list[str] | None = None) -> list[CellResult]:
     cells = grid_cells(ablation.options)
     for cell in cells:  # pre-flight: every cell's configuration is valid before anything trains
         ablation.cell_config(cell)
-    return [evaluate(ablation, cell, trainer) for cell in cells]
+    return evaluate_all(ablation, cells, trainer, pool)
 
 
-def run_greedy(ablation: Ablation, margin: float, trainer=None) -> list[dict[str, Any]]:
-    """Forward selection (see the module docstring); returns the decisions, also printed."""
+def run_greedy(ablation: Ablation, margin: float, trainer=None, pool: list[str] | None = None) -> list[dict[str, Any]]:
+    """Forward selection (see the module docstring); returns the decisions, also printed. With a
+    ``pool``, each round's alternatives train concurrently."""
     current = baseline_cell(ablation.options)
     for option in ablation.options:  # pre-flight: each single change is a valid configuration
         for value in option.values[1:]:
             ablation.cell_config(with_value(current, option.key, value))
-    best = evaluate(ablation, current, trainer)
+    (best,) = evaluate_all(ablation, [current], trainer, pool)
     if best.mean is None:
         raise AblateError(f"the baseline cell has no finished run ({best.folder}); fix it before a greedy sweep")
     decisions = []
     for option in ablation.options:
-        tried = [evaluate(ablation, with_value(current, option.key, v), trainer) for v in option.values[1:]]
+        tried = evaluate_all(ablation, [with_value(current, option.key, v) for v in option.values[1:]], trainer, pool)
         scored = [t for t in tried if t.mean is not None]
         winner = min(scored, key=lambda t: t.mean) if scored else None
         gain = None if winner is None else best.mean - winner.mean
@@ -326,7 +549,7 @@ def table_rows(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     header += ["Δ vs first", "p (Welch, 1-sided)", "artifact bytes", "tok/s"]
     rows = []
     for c in cells:
-        n = f"{c['n']}" + (f" (+{c['diverged']} diverged)" if c["diverged"] else "")
+        n = f"{c['n']}" + (f" (+{c['diverged']} diverged)" if c["diverged"] else "") + (" (child failed)" if c.get("failed") else "")
         row = [c["name"], n, _pm(c["mean"], c["std"])] + [_pm(c.get("roundtrip_mean"), c.get("roundtrip_std"))] * roundtrip
         row += [_pm(c.get("sliding_mean"), c.get("sliding_std"))] * sliding + [_pm(c.get("ttt_mean"), c.get("ttt_std"))] * ttt
         row += ["-" if c.get("delta") is None else f"{c['delta']:+.5f}", "-" if c.get("p") is None else f"{c['p']:.3g}",
@@ -417,18 +640,34 @@ def write_report(ablation: Ablation, results: list[CellResult], *, command: str,
 
 def run_ablation(ablation: Ablation, *, greedy: bool = False, margin: float = 0.0, command: str = "", budget: str = "",
                  trainer=None) -> dict[str, Any]:
-    """Run the grid (or the greedy selection), print the table and write the reports."""
+    """Run the grid (or the greedy selection), print the table and write the reports. Where the
+    cells train: ``ablation.devices`` (:func:`resolve_devices`); a custom ``trainer`` always runs
+    in this process."""
     ablation = copy.copy(ablation)
     ablation.results = {}
+    if ablation.tracker:
+        from pgolf.train.tracker import require_tracker
+
+        require_tracker(ablation.tracker)  # a missing package fails before any cell trains
+    pool = None
+    if trainer is None:
+        base = baseline_cell(ablation.options)  # the baseline and each single change: every train.device a cell can have
+        cells = [base] + [with_value(base, o.key, v) for o in ablation.options for v in o.values[1:]]
+        pool = resolve_devices(ablation.devices, {ablation.cell_config(c).train.device for c in cells})
+        if pool:
+            print(f"cells run in child processes on {', '.join(pool)} (one cell per device at a time)", flush=True)
     decisions = selected = None
     if greedy:
-        decisions = run_greedy(ablation, margin, trainer)
+        decisions = run_greedy(ablation, margin, trainer, pool)
         selected = _selected_name(decisions, ablation)
         results = list(ablation.results.values())  # every cell the selection trained, in order
     else:
-        results = run_grid(ablation, trainer)
+        results = run_grid(ablation, trainer, pool)
+    failed = [r for r in results if r.failure]
     print()
     print(text_table([r.stats for r in results]))
+    for r in failed:
+        print(f"failed: [{r.cell.name}] {r.failure}")
     report = write_report(ablation, results, command=command, budget=budget, decisions=decisions, selected=selected)
     print(f"\nwrote {ablation.out / 'ablation.json'}, ablation.md, ablation.png")
     return report

@@ -77,9 +77,10 @@ def finished(run_dir: Path, cfg: RunConfig) -> bool:
     return run_mode(run_dir, cfg) is None
 
 
-def run_seeds(cfg: RunConfig, seeds: list[int], out: str | Path) -> list[Path]:
+def run_seeds(cfg: RunConfig, seeds: list[int], out: str | Path, tracker: str | None = None) -> list[Path]:
     """Train ``cfg`` once per seed, sequentially (each a full run); returns the run folders.
-    Finished seeds are kept, interrupted ones resume from their newest complete checkpoint."""
+    Finished seeds are kept, interrupted ones resume from their newest complete checkpoint.
+    ``tracker``: as :func:`pgolf.train.run.run_training`."""
     from pgolf.train.run import run_training
 
     dirs = []
@@ -93,7 +94,7 @@ def run_seeds(cfg: RunConfig, seeds: list[int], out: str | Path) -> list[Path]:
         else:
             verb = {"new": "training", "resume": "resuming", "overwrite": "restarting (no checkpoint)"}[mode]
             print(f"seed {seed} ({i + 1}/{len(seeds)}): {verb} into {run_dir}", flush=True)
-            run_training(run_cfg, run_dir, mode=mode)
+            run_training(run_cfg, run_dir, mode=mode, tracker=tracker)
         dirs.append(run_dir)
     return dirs
 

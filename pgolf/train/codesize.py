@@ -27,8 +27,10 @@ from pgolf.errors import UserError
 class CodePackError(UserError):
     """The package's sources could not be packed (a module that cannot be read or minified)."""
 
-#: pgolf modules that never go into a bundle (command line and submission tooling).
-TOOLING = ("pgolf.cli", "pgolf.submit.bundle", "pgolf.submit.record", "pgolf.submit.audit", "pgolf.submit.stats", "pgolf.submit.seeds")
+#: pgolf modules that never go into a bundle (command line and submission tooling; the optional
+#: experiment trackers, which a bundled script never attaches).
+TOOLING = ("pgolf.cli", "pgolf.submit.bundle", "pgolf.submit.record", "pgolf.submit.audit", "pgolf.submit.stats", "pgolf.submit.seeds",
+           "pgolf.train.tracker")
 #: Modules every bundle carries, whatever the probe saw (the launcher's entry point).
 ALWAYS = ("pgolf", "pgolf.submit", "pgolf.submit.entry", "pgolf.config", "pgolf.config.envvars")
 WRAPPERS = ("plain", "lzma", "brotli", "zstd", "lzma-latin1", "brotli-latin1", "zstd-latin1")

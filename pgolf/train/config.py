@@ -28,7 +28,7 @@ class TrainConfig:
     val_loss_every: int = 0  # 0 = validate only at the end
     train_log_every: int = 200
     compile: str = "auto"  # auto (on for CUDA) | on | off
-    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    autocast: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else off) | bf16 | off
     embed_dtype: str = "auto"  # auto (bf16 on CUDA as in the scripts, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 = torch default

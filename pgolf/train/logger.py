@@ -1,5 +1,6 @@
 """Self-describing run outputs: ``log.txt`` (human ``key:value`` lines, the challenge's final-line
-names) and ``metrics.jsonl`` (one JSON object per event), written by rank 0 only.
+names) and ``metrics.jsonl`` (one JSON object per event), written by rank 0 only. An attached tracker
+(:mod:`pgolf.train.tracker`) receives the same records.
 
 The log opens with the resolved config, library versions and hardware, so a log file alone says
 what produced it.
@@ -60,6 +61,7 @@ class RunLogger:
         self.echo = echo and enabled
         self.run_dir = run_dir
         self.t0 = time.time()
+        self.tracker = None  # pgolf.train.tracker: gets every metrics record too (rank 0 only)
         if self.enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._log = open(run_dir / "log.txt", "a", encoding="utf-8")
@@ -75,8 +77,11 @@ class RunLogger:
     def metric(self, event: str, **values: Any) -> None:
         if self.enabled:
             record = {"event": event, "time": round(time.time() - self.t0, 3), **values}
-            self._metrics.write(json.dumps(record, default=float) + "\n")
+            line = json.dumps(record, default=float)
+            self._metrics.write(line + "\n")
             self._metrics.flush()
+            if self.tracker:
+                self.tracker.record(json.loads(line))  # exactly the line written
 
     def header(self, config: dict[str, Any], env: dict[str, Any]) -> None:
         self.log("=" * 100, console=False)
@@ -87,6 +92,8 @@ class RunLogger:
         self.metric("config", config=config, env=env)
 
     def close(self) -> None:
+        if self.tracker:
+            self.tracker.close()
         if self.enabled:
             self._log.close()
             self._metrics.close()

@@ -20,11 +20,11 @@ from pgolf.quant.codecs import require_export_libraries
 from pgolf.train.distributed import DistContext, barrier, init_distributed, shutdown_distributed
 from pgolf.train.logger import RunLogger, environment_info
 from pgolf.train.loop import RunData, RunInterrupted, Trainer, TrainingDivergedError, quant_label
-from pgolf.train.setup import apply_precision, autocast_dtype, configure_backends
+from pgolf.train.setup import apply_precision, autocast_dtype, autocast_reason, configure_backends
 
 
 def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None = None, predict_size: bool = True,
-                 mode: str = "new") -> dict:
+                 mode: str = "new", tracker: str | None = None) -> dict:
     """Train, export and evaluate one run into ``run_dir``; returns the summary dict.
 
     Works the same in one process and under torchrun (every rank calls it). ``code_bytes``: the
@@ -32,7 +32,8 @@ def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None 
     predicted artifact size at start (a bundle printed it when it was generated). ``mode``:
     ``new`` (refuses an existing run folder), ``overwrite`` (replaces it as a whole) or ``resume``
     (continues it from its newest complete checkpoint). Every pre-flight check runs before the
-    folder is touched."""
+    folder is touched. ``tracker``: also send the metrics events to ``tensorboard`` or ``wandb``
+    (:mod:`pgolf.train.tracker`; rank 0 only)."""
     from pgolf.train.checkpoint import config_hash, decode_state, latest_complete
     from pgolf.train.rundir import check_run_dir, prepare_run_dir
 
@@ -41,6 +42,10 @@ def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None 
     try:
         check_run_dir(run_dir, mode)
         require_export_libraries(cfg.quant)  # a missing compressor fails now, not after training
+        if tracker:
+            from pgolf.train.tracker import require_tracker
+
+            require_tracker(tracker)  # so does a missing tracker package
         data = RunData.load(cfg)
         resume_state = None
         if mode == "resume":
@@ -51,7 +56,7 @@ def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None 
         if ctx.is_main:
             prepare_run_dir(run_dir, "resume" if mode == "resume" else mode)
         barrier()
-        summary = _run(cfg, run_dir, ctx, data, resume_state, code_bytes, predict_size, gptq)
+        summary = _run(cfg, run_dir, ctx, data, resume_state, code_bytes, predict_size, gptq, tracker)
         # every rank reaches here before any tears the group down: a gloo rank that destroys its
         # group while its peer still holds pending traffic aborts at exit (SIGABRT, seen ~1 in 6)
         barrier()
@@ -62,12 +67,16 @@ def run_training(cfg: RunConfig, run_dir: str | Path, *, code_bytes: int | None 
 
 
 def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, data: RunData, resume_state: dict | None,
-         code_bytes: int | None, predict_size: bool, gptq: tuple[float, float] | None = None) -> dict:
+         code_bytes: int | None, predict_size: bool, gptq: tuple[float, float] | None = None, tracker: str | None = None) -> dict:
     """One run with its outcome recorded: the log and metrics end with a ``status`` event
     (finished, interrupted with a checkpoint, diverged, or failed), whatever happens."""
     from pgolf.train.rundir import StopSignals
 
     logger = RunLogger(run_dir, enabled=ctx.is_main)
+    if tracker and logger.enabled:
+        from pgolf.train.tracker import open_tracker
+
+        logger.tracker = open_tracker(tracker, run_dir, warn=lambda msg: logger.log(msg))
     config_dict = to_dict(cfg)
     if ctx.is_main and resume_state is None:
         _write_json(run_dir / "config.json", config_dict)
@@ -147,7 +156,7 @@ def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, pr
     logger.log(
         f"train_batch_tokens:{t.train_batch_tokens} train_seq_len:{t.train_seq_len} iterations:{t.iterations} "
         f"warmup_steps:{t.warmup_steps} max_wallclock_seconds:{t.max_wallclock_seconds:.3f} compile:{trainer.compiled} "
-        f"autocast:{trainer.amp_dtype}"
+        f"autocast:{trainer.amp_dtype} ({autocast_reason(cfg.train, trainer.device)})"
     )
     if cfg.model.xsa_last_n:
         first = cfg.model.num_layers - cfg.model.xsa_last_n
@@ -166,7 +175,9 @@ def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, pr
     logger.log(f"seed:{t.seed}")
     warmup_s = trainer.compile_warmup()
     if warmup_s:
-        logger.log(f"compile_warmup_seconds:{warmup_s:.1f}")
+        import os
+
+        logger.log(f"compile_warmup_seconds:{warmup_s:.1f} inductor_cache:{os.environ.get('TORCHINDUCTOR_CACHE_DIR', '')}")
     stats = trainer.loop(resume_state)
     tokens_seen = stats["tokens"]
     if t.schedule_steps and stats["steps"] < t.schedule_steps // 2:
