@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--wrapper", default="auto", choices=("auto",) + WRAPPERS,
                    help="auto (default): the smallest of plain, lzma/brotli/zstd + base85 (ASCII) and lzma/brotli/zstd + latin-1 literal")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the verification run of the written file")
+    p.add_argument("--no-fold", dest="fold", action="store_false",
+                   help="keep the code for every setting: do not fold the configuration's fixed values into the code "
+                   "(more bytes; the file then takes any PGOLF_* setting from the environment)")
     p.set_defaults(func=run_bundle)
 
     p = sub.add_parser("record", help="write a record folder from finished seed runs",
@@ -75,7 +78,7 @@ def run_bundle(args: argparse.Namespace) -> int:
 
     keep = any(o.split("=", 1)[0].strip() in ("data.path", "data.tokenizer") for o in args.overrides)
     cfg = config_from_args(args)
-    result = build_bundle(cfg, args.out, wrapper=args.wrapper, verify=args.verify, keep_data_paths=keep)
+    result = build_bundle(cfg, args.out, wrapper=args.wrapper, verify=args.verify, keep_data_paths=keep, fold=args.fold)
     print(result.describe())
     print(f"requirements: {' '.join(requirements_for(read_bundle(result.path)[1], result.wrapper))}")
     print(f"code bytes: {result.bytes}")

@@ -106,6 +106,12 @@ UNSUPPORTED: dict[str, str] = {
 
 PREFIX = "PGOLF_"
 
+#: In a bundled script, the settings besides those of :data:`CHALLENGE_ENV` that it takes from
+#: ``PGOLF_*`` variables: ``pgolf bundle`` writes every other setting's value into the script's code
+#: (pgolf.submit.fold), so a variable naming one of those is an error there. None in the package:
+#: every setting.
+LIVE: tuple[str, ...] | None = None
+
 
 def env_name(dotted: str) -> str:
     """The generic variable of a setting: ``train.seed`` -> ``PGOLF_TRAIN_SEED``."""
@@ -144,6 +150,9 @@ def resolve_env(environ: Mapping[str, str] | None = None) -> list[tuple[str, str
             found.append((name, generic[name], raw))
     by_setting: dict[str, tuple[str, str]] = {}
     for name, dotted, raw in found:
+        if LIVE is not None and dotted not in LIVE and dotted not in CHALLENGE_ENV.values():
+            raise ConfigError(f"environment variable {name}: {dotted} is built into this script (pgolf bundle wrote its value "
+                              f"into the code); generate the script again with pgolf bundle --set {dotted}=...")
         if dotted in by_setting and by_setting[dotted][1] != raw:
             other = by_setting[dotted][0]
             raise ConfigError(f"environment variables {other}={by_setting[dotted][1]!r} and {name}={raw!r} both set {dotted}; unset one")

@@ -22,13 +22,13 @@ import fnmatch
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pgolf.data.config import LOADERS
+from pgolf.data.config import LOADERS, DataConfig
 from pgolf.data.shards import memmap_shard, read_shard
 from pgolf.errors import ConfigError, DataError
 
@@ -43,7 +43,7 @@ class TrainLoader(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def build_loader(cfg_data: Any, files: list[Path], rank: int, world_size: int, device: torch.device, *,
+def build_loader(cfg_data: DataConfig, files: list[Path], rank: int, world_size: int, device: torch.device, *,
                  doc_window: int | None = None, bos_id: int = 1, rope_scaling: str = "none") -> TrainLoader:
     """The training loader ``cfg_data.loader`` over the training shards ``files``.
 

@@ -15,7 +15,11 @@ challenge's final log-line names:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pgolf.config import RunConfig
+    from pgolf.train.loop import Trainer
 
 
 def eval_estimate_line(what: str, targets: int, train_tokens_per_second: float, factor: float = 1.0) -> str:
@@ -28,7 +32,7 @@ def eval_estimate_line(what: str, targets: int, train_tokens_per_second: float, 
     return f"eval_estimate pass:{what} targets:{targets} seconds:~{seconds:.0f} (from this run's training rate)"
 
 
-def final_evaluations(model, trainer: Any, label: str) -> dict[str, Any]:
+def final_evaluations(model, trainer: Trainer, label: str) -> dict[str, Any]:
     """Run the configured final evaluations; returns the summary keys (every rank calls it).
     ``trainer`` supplies cfg, ctx, logger, val_tokens, lut, amp_dtype and ``validate``."""
     cfg, log, ctx = trainer.cfg, trainer.logger, trainer.ctx
@@ -107,7 +111,7 @@ def final_evaluations(model, trainer: Any, label: str) -> dict[str, Any]:
     return out
 
 
-def _phased(model, trainer: Any, common: dict[str, Any]) -> dict[str, Any]:
+def _phased(model, trainer: Trainer, common: dict[str, Any]) -> dict[str, Any]:
     """Phased TTT (R6/R7): ``legal_ttt`` lines as the other TTT modes, plus one line per phase."""
     from pgolf.eval.phased import evaluate_phased
 
@@ -145,7 +149,7 @@ def _phased(model, trainer: Any, common: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _estimate(cfg, log, val_tokens=None) -> dict[str, Any]:
+def _estimate(cfg: RunConfig, log, val_tokens=None) -> dict[str, Any]:
     """The 8xH100 estimate, labelled as an estimate (cheap: FLOPs counted on the meta device)."""
     from pgolf.eval.budget import estimate_8xh100
 

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from pgolf.data.config import DataConfig
 from pgolf.data.loader import TokenStream
 from pgolf.data.shards import resolve_shards
 from pgolf.errors import DataError
+
+if TYPE_CHECKING:
+    from pgolf.config import RunConfig
 
 
 CANONICAL_VAL_GLOB = "fineweb_val_*"  # refused whatever data.val_glob says
@@ -193,7 +196,7 @@ def check_source(source: object) -> None:
         )
 
 
-def calibration_seqs(cfg) -> int:
+def calibration_seqs(cfg: RunConfig) -> int:
     """Sequences of calibration: ``quant.gptq_calib_seqs``, or with ``quant.gptq_calib_batches`` > 0
     that many of the records' batches, one rank's micro-batch each (train_batch_tokens /
     train.grad_accum_base tokens: 48 x 2048 on 8xH100, so R6/R7's 16 batches are 768 sequences)."""
@@ -205,7 +208,7 @@ def calibration_seqs(cfg) -> int:
     return max(1, q.gptq_calib_batches * micro // seq_len)
 
 
-def calibration_source(cfg, model: nn.Module, amp_dtype: torch.dtype | None = None, *, rank: int = 0,
+def calibration_source(cfg: RunConfig, model: nn.Module, amp_dtype: torch.dtype | None = None, *, rank: int = 0,
                        world_size: int = 1) -> TrainTokens | SelfGenerated:
     """The source named by ``cfg.quant.gptq_calib_source`` for a run config ``cfg`` (training
     tokens through the run's ``data.loader`` for ``rank`` of ``world_size``, or self-generated)."""

@@ -12,9 +12,12 @@ from __future__ import annotations
 import io
 import lzma
 import zlib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pgolf.errors import ArtifactError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from pgolf.quant.config import QuantConfig
 
 # Stable ids stored in the container; never renumber.
 CODEC_IDS = {"none": 0, "zlib-9": 1, "zstd-22": 2, "lzma": 3, "brotli": 4}
@@ -107,7 +110,7 @@ def require_codec(codec: str) -> None:
         compress(name, b"x")
 
 
-def require_export_libraries(qcfg) -> None:
+def require_export_libraries(qcfg: QuantConfig) -> None:
     """Fail at run start, not after training, if the codec or the entropy coder is missing."""
     require_codec(qcfg.codec)
     if qcfg.packing in ("entropy", "auto"):

@@ -11,9 +11,15 @@ hand. Steps:
 2. **Shake.** Drop the top-level functions and classes no kept code can reach (a name-based,
    conservative reachability: a definition stays if its name appears anywhere in kept code, as a
    name, an attribute or a string constant), and the pgolf imports of what was dropped.
-3. **Minify** each module with python-minifier (globals keep their names: other modules import
+3. **Fold** (:mod:`pgolf.submit.fold`; ``--no-fold`` skips it). The file runs one configuration:
+   reads of settings it cannot take from the environment become their values, branches on
+   constants go, and shaking again drops what only those branches reached (functions, classes,
+   whole modules), until nothing changes. Settings the script reads from the environment (the
+   challenge's variables, the ones the verification run shrinks) stay live; a ``PGOLF_*`` variable
+   naming a folded setting is an error in the script.
+4. **Minify** each module with python-minifier (globals keep their names: other modules import
    them; docstrings and annotations go, except class-level ones, which dataclasses need).
-4. **Pack.** A launcher installs a ``sys.meta_path`` importer at position 0 that serves ``pgolf.*``
+5. **Pack.** A launcher installs a ``sys.meta_path`` importer at position 0 that serves ``pgolf.*``
    from the embedded sources only (a module that is not embedded is an ImportError, never the
    installed package), then calls ``pgolf.submit.entry.main(config, __file__)``. The launcher, the
    resolved config (JSON) and the sources are NUL-joined and stored either as plain literals or
@@ -23,7 +29,7 @@ hand. Steps:
    for itself; those and NUL are escaped, +2.7% on random bytes), whichever file is smallest.
    The latin-1 file is valid Python source (tested on CPython 3.10-3.13) but not UTF-8 text, so
    editors and diffs show it as binary: ``--wrapper brotli`` keeps an ASCII file.
-5. **Verify.** Run the written file on the probe data in a subprocess and check that it trained,
+6. **Verify.** Run the written file on the probe data in a subprocess and check that it trained,
    wrote its artifact, ran on its embedded code only and logged its own size as the code bytes.
 """
 
@@ -69,11 +75,13 @@ class BundleResult:
     minified_bytes: int  # the embedded module sources, minified
     config: dict[str, Any] = field(default_factory=dict)
     verified: bool = False
+    folded: bool = False
 
     def describe(self) -> str:
         others = ", ".join(f"{k} {v:,}" for k, v in sorted(self.sizes.items(), key=lambda kv: kv[1]) if k != self.wrapper)
         return (f"{self.path}: {self.bytes:,} bytes ({self.wrapper}; also tried: {others}); {len(self.modules)} modules, "
-                f"{self.source_bytes:,} bytes of source -> {self.minified_bytes:,} minified" + ("; verified by a run" * self.verified))
+                f"{self.source_bytes:,} bytes of source -> {self.minified_bytes:,} " + ("folded and " * self.folded) + "minified"
+                + ("; verified by a run" * self.verified))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,8 +119,9 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def build_bundle(cfg: RunConfig, out: str | Path, *, wrapper: str = "auto", verify: bool = True,
-                 keep_data_paths: bool = False, timeout: float = 600.0) -> BundleResult:
-    """Generate ``out`` (a train_gpt.py) for ``cfg``; see the module docstring."""
+                 keep_data_paths: bool = False, timeout: float = 600.0, fold: bool = True) -> BundleResult:
+    """Generate ``out`` (a train_gpt.py) for ``cfg``; see the module docstring. ``fold=False``
+    skips step 3 (the file then honours every ``PGOLF_*`` setting variable, for more bytes)."""
     if wrapper not in WRAPPERS + ("auto",):
         raise BundleError(f"--wrapper {wrapper!r}: choose auto, {', '.join(WRAPPERS)}")
     out = Path(out)
@@ -126,13 +135,19 @@ def build_bundle(cfg: RunConfig, out: str | Path, *, wrapper: str = "auto", veri
         leaked = [m for m in used if m.startswith(TOOLING)]
         if leaked:
             raise BundleError(f"the training run imported tooling module(s) {', '.join(leaked)}; a bundle cannot carry them")
-        modules, raw_bytes = prepare_sources(used)
+        if fold:
+            from pgolf.config import from_dict
+            from pgolf.submit.fold import live_settings
+
+            modules, raw_bytes = prepare_sources(used, fold=from_dict(config), live=live_settings(cfg))
+        else:
+            modules, raw_bytes = prepare_sources(used)
         text, chosen, sizes = pack(modules, config, wrapper)
         write_bytes_atomic(out, text)
         result = BundleResult(
             path=out, bytes=out.stat().st_size, wrapper=chosen, sizes=sizes, modules=sorted(m for m in modules if "/" not in m),
             source_bytes=raw_bytes,
-            minified_bytes=sum(len(s.encode()) for m, s in modules.items() if "/" not in m), config=config,
+            minified_bytes=sum(len(s.encode()) for m, s in modules.items() if "/" not in m), config=config, folded=fold,
         )
         assert result.bytes == sizes[chosen]
         if verify:

@@ -218,18 +218,28 @@ def minify(source: str, name: str) -> str:
     return text
 
 
-def prepare_sources(modules: list[str], check: bool = True) -> tuple[dict[str, str], int]:
+def prepare_sources(modules: list[str], check: bool = True, fold: RunConfig | None = None,
+                    live: set[str] | None = None) -> tuple[dict[str, str], int]:
     """Shaken + minified sources of ``modules`` (with their parent packages) and data files, and
-    the raw size. ``check``: every module-level pgolf import must be among them."""
+    the raw size. ``check``: every module-level pgolf import must be among them. ``fold``: the
+    one configuration the sources will run, folded into them (:mod:`pgolf.submit.fold`) with
+    ``live`` the settings that stay read from the environment (then modules that no kept code
+    imports any more are dropped)."""
     names = set(modules) | set(ALWAYS)
     for m in list(names):
         parts = m.split(".")
         names.update(".".join(parts[:i]) for i in range(1, len(parts)))
     names = {n for n in names if not n.startswith(TOOLING)}
     raw = {n: module_source(n) for n in sorted(names)}
-    key = hashlib.sha256("\0".join(f"{n}\0{s}" for n, s in raw.items()).encode()).hexdigest()
+    folding = "" if fold is None else json.dumps([to_dict(fold), sorted(live or ())], sort_keys=True)
+    key = hashlib.sha256("\0".join([folding] + [f"{n}\0{s}" for n, s in raw.items()]).encode()).hexdigest()
     if key not in _PREPARED:  # a run estimates its bundle twice (at start and at export)
-        shaken = shake(raw, {"main"})
+        if fold is None:
+            shaken = shake(raw, {"main"})
+        else:
+            from pgolf.submit.fold import fold_sources
+
+            shaken, _report = fold_sources(raw, fold, set(live or ()), {"main"}, set(ALWAYS))
         out = {n: minify(s, n) for n, s in shaken.items()}
         out.update(package_data(out))
         _PREPARED.clear()
@@ -397,6 +407,7 @@ _NOT_SUBMITTED = (
     "pgolf.cli",
     "pgolf.train.codesize",  # loaded to count the code; a bundled script counts its own size instead
     "pgolf.submit.bundle",
+    "pgolf.submit.fold",
     "pgolf.submit.record",
     "pgolf.submit.audit",
     "pgolf.submit.stats",

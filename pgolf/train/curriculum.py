@@ -16,7 +16,12 @@ length, and the compile warm-up primes each shape of the schedule before the clo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pgolf.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pgolf.train.config import TrainConfig
 
 BATCH_LEVELS = 8  # batch warm-up sizes are multiples of train_batch_tokens / BATCH_LEVELS
 
@@ -43,7 +48,7 @@ def parse_seq_len_schedule(text: str) -> list[tuple[float, int]]:
 class Curriculum:
     """The global batch (tokens) and sequence length of every step."""
 
-    def __init__(self, train_cfg, world_size: int = 1, accum: int = 1):
+    def __init__(self, train_cfg: TrainConfig, world_size: int = 1, accum: int = 1):
         t = train_cfg
         self.full = int(t.train_batch_tokens)
         self.stages = parse_seq_len_schedule(t.seq_len_schedule) if t.seq_len_schedule else [(0.0, int(t.train_seq_len))]

@@ -424,8 +424,13 @@ class Trainer:
     def stop_flags(self, reached: bool, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> tuple[bool, bool, bool]:
         """(cap reached, stop requested by a signal, non-finite loss or gradient norm), agreed by
         every rank in one collective: ranks that disagreed on stopping would hang."""
-        finite = bool(torch.isfinite(loss).item()) and (grad_norm is None or bool(torch.isfinite(grad_norm).item()))
-        flags = torch.tensor([int(reached), int(self.signals.received is not None), int(not finite)], device=self.device)
+        # Built on the device so that the step costs one host sync (the .tolist() below), not one
+        # per check: the finite test never leaves the device before the flags are read together.
+        bad = ~torch.isfinite(loss.detach().float().reshape(()))
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(grad_norm.detach().float().reshape(()))
+        host = torch.tensor([int(reached), int(self.signals.received is not None)], dtype=torch.int64)
+        flags = torch.cat([host.to(self.device, non_blocking=True), bad.to(torch.int64).reshape(1)])
         if self.ctx.distributed:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         r, s, n = (bool(v) for v in flags.tolist())

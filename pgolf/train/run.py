@@ -109,16 +109,21 @@ def _run(cfg: RunConfig, run_dir: Path, ctx: DistContext, data: RunData, resume_
     return summary
 
 
-def _train_export_evaluate(cfg, run_dir, ctx, data, resume_state, code_bytes, predict_size, logger, signals, step_ref, gptq=None) -> dict:
+def _train_export_evaluate(cfg: RunConfig, run_dir, ctx, data, resume_state, code_bytes, predict_size, logger, signals, step_ref, gptq=None) -> dict:
     from pgolf.eval.suite import eval_estimate_line, final_evaluations
     from pgolf.quant.artifact import ARTIFACT_NAME, build_artifact, load_artifact_model
-    from pgolf.train.codesize import package_code_bytes
     from pgolf.train.checkpoint import config_hash
 
     wall0 = time.perf_counter()
     configure_backends(ctx.device, cfg.train.threads)
     # Code bytes: the bundled script's own size when it runs, else an upper bound of it (rank 0).
-    code = code_bytes if code_bytes is not None else (package_code_bytes(cfg) if ctx.is_main else 0)
+    # (a bundled script always passes its size, so it never imports the packing code)
+    if code_bytes is not None:
+        code = code_bytes
+    else:
+        from pgolf.train.codesize import package_code_bytes
+
+        code = package_code_bytes(cfg) if ctx.is_main else 0
     if predict_size and resume_state is None:
         from pgolf.quant.predict import preflight  # warns if the artifact will not fit
 
