@@ -1,4 +1,4 @@
-"""`pgolf bundle`'s config folding (pgolf.submit.fold): planted code, and a folded bundle that
+"""`pgolf bundle`'s config folding (pgolf.train.fold): planted code, and a folded bundle that
 trains exactly as the unfolded one."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 
 from pgolf.config import RunConfig, from_dict, load_config
 from pgolf.errors import ConfigError
-from pgolf.submit.fold import fold_sources, live_settings
+from pgolf.submit.bundle import live_settings
+from pgolf.train.fold import fold_sources
 from pgolf.train.codesize import module_source
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -108,7 +108,7 @@ PREFIX = "PGOLF_"
 
 #: In a bundled script, the settings besides those of :data:`CHALLENGE_ENV` that it takes from
 #: ``PGOLF_*`` variables: ``pgolf bundle`` writes every other setting's value into the script's code
-#: (pgolf.submit.fold), so a variable naming one of those is an error there. None in the package:
+#: (pgolf.train.fold), so a variable naming one of those is an error there. None in the package:
 #: every setting.
 LIVE: tuple[str, ...] | None = None
 

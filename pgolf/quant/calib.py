@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,8 +35,8 @@ from pgolf.data.loader import TokenStream
 from pgolf.data.shards import resolve_shards
 from pgolf.errors import DataError
 
-if TYPE_CHECKING:
-    from pgolf.config import RunConfig
+# ``RunConfig`` (pgolf.config) in the annotations below is a name only, never imported: quant sits
+# below config in the layers; the bundle's config folding resolves annotation names by class name.
 
 
 CANONICAL_VAL_GLOB = "fineweb_val_*"  # refused whatever data.val_glob says

@@ -11,7 +11,7 @@ hand. Steps:
 2. **Shake.** Drop the top-level functions and classes no kept code can reach (a name-based,
    conservative reachability: a definition stays if its name appears anywhere in kept code, as a
    name, an attribute or a string constant), and the pgolf imports of what was dropped.
-3. **Fold** (:mod:`pgolf.submit.fold`; ``--no-fold`` skips it). The file runs one configuration:
+3. **Fold** (:mod:`pgolf.train.fold`; ``--no-fold`` skips it). The file runs one configuration:
    reads of settings it cannot take from the environment become their values, branches on
    constants go, and shaking again drops what only those branches reached (functions, classes,
    whole modules), until nothing changes. Settings the script reads from the environment (the
@@ -137,7 +137,6 @@ def build_bundle(cfg: RunConfig, out: str | Path, *, wrapper: str = "auto", veri
             raise BundleError(f"the training run imported tooling module(s) {', '.join(leaked)}; a bundle cannot carry them")
         if fold:
             from pgolf.config import from_dict
-            from pgolf.submit.fold import live_settings
 
             modules, raw_bytes = prepare_sources(used, fold=from_dict(config), live=live_settings(cfg))
         else:
@@ -173,3 +172,14 @@ def verify_bundle(script: Path, overrides: dict[str, Any], data: Path, tokenizer
     if summary.get("code_bytes") != size:
         raise BundleError(f"{script} logged code bytes {summary.get('code_bytes')}, but the file has {size}")
     return summary
+
+
+def live_settings(cfg) -> set[str]:
+    """``section.key`` settings the bundled script may take from the environment at run time: the
+    challenge's variables, what the verification run shrinks, and what the audit's causality check
+    sets; the fold (pgolf.train.fold) leaves them as reads."""
+    from pgolf.config.envvars import CHALLENGE_ENV
+    from pgolf.submit.seeds import probe_overrides
+    from pgolf.train.fold import AUDIT_SETTINGS
+
+    return set(CHALLENGE_ENV.values()) | set(probe_overrides(cfg)) | set(AUDIT_SETTINGS)

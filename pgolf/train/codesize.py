@@ -222,7 +222,7 @@ def prepare_sources(modules: list[str], check: bool = True, fold: RunConfig | No
                     live: set[str] | None = None) -> tuple[dict[str, str], int]:
     """Shaken + minified sources of ``modules`` (with their parent packages) and data files, and
     the raw size. ``check``: every module-level pgolf import must be among them. ``fold``: the
-    one configuration the sources will run, folded into them (:mod:`pgolf.submit.fold`) with
+    one configuration the sources will run, folded into them (:mod:`pgolf.train.fold`) with
     ``live`` the settings that stay read from the environment (then modules that no kept code
     imports any more are dropped)."""
     names = set(modules) | set(ALWAYS)
@@ -237,7 +237,7 @@ def prepare_sources(modules: list[str], check: bool = True, fold: RunConfig | No
         if fold is None:
             shaken = shake(raw, {"main"})
         else:
-            from pgolf.submit.fold import fold_sources
+            from pgolf.train.fold import fold_sources
 
             shaken, _report = fold_sources(raw, fold, set(live or ()), {"main"}, set(ALWAYS))
         out = {n: minify(s, n) for n, s in shaken.items()}
@@ -407,7 +407,7 @@ _NOT_SUBMITTED = (
     "pgolf.cli",
     "pgolf.train.codesize",  # loaded to count the code; a bundled script counts its own size instead
     "pgolf.submit.bundle",
-    "pgolf.submit.fold",
+    "pgolf.train.fold",
     "pgolf.submit.record",
     "pgolf.submit.audit",
     "pgolf.submit.stats",

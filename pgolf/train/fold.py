@@ -10,7 +10,7 @@ follows. :func:`fold_sources` iterates fold and shake to a fixed point.
 
 What stays live (never folded):
 
-* the settings the bundled script reads from the environment (:func:`live_settings`): every
+* the settings the bundled script reads from the environment (:func:`pgolf.submit.bundle.live_settings`): every
   challenge variable of :data:`pgolf.config.envvars.CHALLENGE_ENV` (``SEED``, ``DATA_PATH``,
   ``MAX_WALLCLOCK_SECONDS``, ...), the settings the verification run shrinks through
   ``PGOLF_*`` variables (:func:`pgolf.submit.seeds.probe_overrides`: device, compile, width, ...)
@@ -71,14 +71,6 @@ _PURE_BUILTINS = frozenset({"len", "min", "max", "abs", "int", "float", "bool", 
 _MUTATORS = frozenset({"append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse", "update", "add", "discard",
                        "setdefault", "popitem"})
 _SCOPE_BREAKERS = frozenset({"locals", "vars", "eval", "exec", "globals"})
-
-
-def live_settings(cfg: RunConfig) -> set[str]:
-    """``section.key`` settings the bundled script may take from the environment at run time."""
-    from pgolf.config.envvars import CHALLENGE_ENV
-    from pgolf.submit.seeds import probe_overrides
-
-    return set(CHALLENGE_ENV.values()) | set(probe_overrides(cfg)) | set(AUDIT_SETTINGS)
 
 
 # ------------------------------------------------------------------------------------------------
