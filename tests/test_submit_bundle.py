@@ -234,3 +234,32 @@ def test_latin1_literal_round_trips_every_byte(tmp_path):
     assert out.returncode == 0, out.stderr
     assert bytes.fromhex(out.stdout) == blob
     assert len(latin1_literal(bytes(range(256)))) == 256 + 7  # NUL +3, LF CR ' \ +1 each
+
+
+def test_package_code_bytes_is_the_entry_points_closure_not_the_process_history(demo_dir, tmp_path):
+    """The estimate is a function of the config only: a fresh process that trained a tiny run
+    (so it loaded exactly what a run loads) and this test process, which has imported tooling a run
+    never loads, count the same bytes; and every pgolf module the run loaded is in the counted set
+    (nothing is imported by a computed name), so the count bounds what the run needs."""
+    from pgolf.train import codesize
+    import pgolf.submit.ablate  # noqa: F401  (loaded in a sweep's or a test's process, never by a run)
+
+    probe = (
+        "import sys\n"
+        "from pgolf.cli import main\n"
+        f"rc = main(['train', '--preset', 'baseline', '--profile', 'cpu', '--data', {str(demo_dir)!r}, '--out', {str(tmp_path / 'run')!r},"
+        " '--set', 'model.num_layers=2', '--set', 'model.model_dim=64', '--set', 'model.num_heads=4', '--set', 'model.num_kv_heads=2',"
+        " '--set', 'train.iterations=2', '--set', 'train.train_seq_len=64', '--set', 'train.train_batch_tokens=512',"
+        " '--set', 'eval.max_val_tokens=1024', '--set', 'train.progress=false'])\n"
+        "assert rc == 0\n"
+        "from pgolf.train.codesize import package_code_bytes\n"
+        "print(' '.join(sorted(n for n in sys.modules if n.split('.')[0] == 'pgolf')))\n"
+        "print(package_code_bytes())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    loaded_line, count_line = out.stdout.strip().splitlines()[-2:]
+    assert int(count_line) == codesize.package_code_bytes()
+    closure = codesize.import_closure(set(codesize.ALWAYS))
+    loaded = {n for n in loaded_line.split() if not n.startswith(("pgolf.cli", *codesize.TOOLING))}
+    assert loaded <= closure, sorted(loaded - closure)

@@ -16,7 +16,6 @@ import json
 import lzma
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -382,18 +381,25 @@ def pack(modules: dict[str, str], config: dict[str, Any], wrapper: str = "auto")
     return texts[best], best, sizes
 
 
+def import_closure(roots: set[str]) -> set[str]:
+    """``roots`` and every pgolf module they import statically (imports inside functions
+    included), with the packages that hold them; tooling (:data:`TOOLING`) left out."""
+    names = {n for n in roots if not n.startswith(TOOLING)}
+    todo = sorted(names)
+    while todo:
+        new = {c for c in _pgolf_imports(module_source(todo.pop()), top_level_only=False) if not c.startswith(TOOLING)} - names
+        names |= new
+        todo += sorted(new)
+    return names | {name.rsplit(".", 1)[0] for name in names if "." in name}
+
+
 def estimate_code_bytes(module_names: list[str], cfg: RunConfig | None = None) -> int:
     """Upper bound on ``pgolf bundle``'s file for a run that has loaded ``module_names``: those
     modules plus every pgolf module they could import lazily, shaken, minified and packed with
     lzma as a latin-1 literal (``pgolf bundle`` keeps the smallest wrapper, one of which this is).
     Without ``cfg`` the embedded config is the full default config, longer than any real bundle's
     (which stores only the changed keys)."""
-    names = {n for n in module_names if n.split(".")[0] == "pgolf" and not n.startswith(TOOLING)} | set(ALWAYS)
-    todo = list(names)
-    while todo:  # close over static pgolf imports (lazy ones included)
-        new = {c for c in _pgolf_imports(module_source(todo.pop()), top_level_only=False) if not c.startswith(TOOLING)} - names
-        names |= new
-        todo += sorted(new)
+    names = import_closure({n for n in module_names if n.split(".")[0] == "pgolf"} | set(ALWAYS))
     modules, _raw = prepare_sources(sorted(names), check=False)
     config = bundle_config(cfg) if cfg is not None else to_dict(RunConfig())
     return len(render(modules, config, "lzma-latin1", header_line(config, modules, "lzma-latin1")))
@@ -403,27 +409,15 @@ def estimate_code_bytes(module_names: list[str], cfg: RunConfig | None = None) -
 # the command
 
 
-_NOT_SUBMITTED = (
-    "pgolf.cli",
-    "pgolf.train.codesize",  # loaded to count the code; a bundled script counts its own size instead
-    "pgolf.submit.bundle",
-    "pgolf.train.fold",
-    "pgolf.submit.record",
-    "pgolf.submit.audit",
-    "pgolf.submit.stats",
-    "pgolf.data.prepare",
-    "pgolf.data.fetch",
-    "pgolf.data.demo",
-    "pgolf.data.manifest",
-)
-
-
 def package_code_bytes(cfg=None) -> int:
     """Upper bound on the code bytes of this run's submission: the size of the single-file
-    ``train_gpt.py`` that ``pgolf bundle`` would generate from the pgolf modules loaded so far plus
-    every pgolf module they can import lazily (command-line and submission tooling excluded),
-    shaken, minified and lzma-packed (latin-1 literal) with ``cfg`` embedded (the full default config if None).
-    ``pgolf bundle`` writes the real file, a few KB smaller (fewer modules, the best wrapper); a
-    bundled train_gpt.py passes its exact size as ``code_bytes`` instead."""
-    loaded = [name for name in list(sys.modules) if name.startswith("pgolf") and not name.startswith(_NOT_SUBMITTED)]
-    return estimate_code_bytes(loaded, cfg)
+    ``train_gpt.py`` that ``pgolf bundle`` would generate from every pgolf module the launcher's
+    entry point can import, lazy imports included (command-line and submission tooling excluded),
+    shaken, minified and lzma-packed (latin-1 literal) with ``cfg`` embedded (the full default
+    config if None). The set is the static import closure of :data:`ALWAYS`, never the modules this
+    process happens to have loaded: the same config gives the same count in a test process that
+    imported everything and in a fresh child (pgolf imports no module of its own by a computed
+    name, so the closure holds every module a run can load). ``pgolf bundle`` writes the real file,
+    smaller (only the modules a probe run loads, the best wrapper); a bundled train_gpt.py passes
+    its exact size as ``code_bytes`` instead."""
+    return estimate_code_bytes(list(ALWAYS), cfg)
