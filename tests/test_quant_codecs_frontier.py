@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from pgolf.errors import ArtifactError, MissingDependencyError
 from pgolf.quant.compare import byte_shuffle, byte_unshuffle, codec_comparison, records_blob
 from pgolf.quant.config import QuantConfig
 from pgolf.quant.container import ChunkPlan, decode_artifact, encode_artifact
-from pgolf.quant.ctxcoder import decode_ctx, encode_ctx, greedy_l2_order, pack_bits_wide, unpack_bits_wide
+from pgolf.quant import ctxcoder
+from pgolf.quant.ctxcoder import CTX_VERSION, decode_ctx, encode_ctx
 from pgolf.quant.entropy import encode_entropy, tensor_bound_bits
 from pgolf.quant.export import dequantize_state_dict, quantize_state_dict
 from pgolf.quant.pergroup import GROUPS, decode_pergroup, encode_pergroup, greedy_l1_order, group_of
@@ -58,30 +60,63 @@ def test_ctx_edge_shapes(shape, bits: int) -> None:
 def test_ctx_corrupt_streams_are_clear_errors() -> None:
     u = _similar_rows(64, 32)
     data = bytearray(encode_ctx(u, 6))
-    assert data[0] & 1
-    with pytest.raises(ValueError, match="model version 3, this pgolf decodes version 2"):
-        decode_ctx(bytes([7]) + bytes(data[1:]), 64, 32, 6)
+    assert data[0] & 1 and data[0] >> 1 == CTX_VERSION == 3
+    with pytest.raises(ValueError, match="model version 2, this pgolf decodes version 3"):
+        decode_ctx(bytes([5]) + bytes(data[1:]), 64, 32, 6)  # a stream of the previous model (v2) is refused
     with pytest.raises(ValueError, match="symbols"):
         decode_ctx(bytes(data[:3]) + bytes([40, 30]) + bytes(data[5:]), 64, 32, 6)  # lo > hi
     with pytest.raises(ValueError, match="payload bytes"):
         decode_ctx(bytes(data[:-3]), 64, 32, 6)
-    bad = bytearray(data)
-    bad[5:7] = b"\x00\x00"  # two rows of the permutation now both read as row 0
-    with pytest.raises(ValueError, match="not a permutation"):
-        decode_ctx(bytes(bad), 64, 32, 6)
     with pytest.raises(ValueError, match="truncated"):
         decode_ctx(bytes(data[:2]), 64, 32, 6)
+    one = encode_ctx(np.full((4, 4), 9, dtype=np.uint8), 6)
+    assert decode_ctx(one, 4, 4, 6).tolist() == [[9] * 4] * 4
+    with pytest.raises(ValueError, match="no payload"):
+        decode_ctx(bytes([one[0] | 1]) + one[1:], 4, 4, 6)  # a one-symbol tensor with a row order
+    # the range-coded payload (the row order's ranks, then the rows): a flipped bit decodes to
+    # symbols outside lo..hi or leaves words over, caught here at almost every position (the
+    # container's CRC32 catches the rest)
+    caught, positions = 0, range(9, len(data), 23)
+    for pos in positions:
+        bad = bytearray(data)
+        bad[pos] ^= 0x10
+        try:
+            caught += not np.array_equal(decode_ctx(bytes(bad), 64, 32, 6), u)
+        except ValueError:
+            caught += 1
+    assert caught == len(positions)
 
 
-def test_wide_bitpacking_and_orders() -> None:
-    v = np.random.default_rng(3).integers(0, 1 << 13, 1000)
-    assert np.array_equal(unpack_bits_wide(pack_bits_wide(v, 13), 1000, 13), v)
-    u = _similar_rows(80, 24)
-    for order in (greedy_l2_order(u), greedy_l1_order(u)):
-        assert order[0] == 0 and np.array_equal(np.sort(order), np.arange(80))
+def test_ctx_row_order_ranks() -> None:
+    """The stored row order: the rank of each row among those not yet listed (log2 R! bits in
+    all), and back."""
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 1000):
+        perm = rng.permutation(n)
+        ranks = ctxcoder._order_ranks(perm)
+        assert np.all(ranks < np.arange(n, 0, -1)) and np.array_equal(ctxcoder._order_from_ranks(ranks), perm)
+    assert ctxcoder._order_ranks(np.array([2, 0, 3, 1])).tolist() == [2, 0, 1, 0]
+    # the greedy L1 order (its search drops used rows as it goes) is R7's rule, checked by brute force
+    u = _similar_rows(300, 24)
+    expect, x = [0], u.astype(np.int64)
+    for _ in range(299):
+        d = np.abs(x - x[expect[-1]]).sum(axis=1)
+        d[expect] = 1 << 40
+        expect.append(int(np.argmin(d)))
+    assert greedy_l1_order(u).tolist() == expect
     # R7's rule on a hand-made case: from row 0 always to the nearest unused row in L1
     rows = np.array([[0, 0], [9, 9], [1, 0], [5, 5], [1, 1]], dtype=np.int8)
     assert greedy_l1_order(rows).tolist() == [0, 2, 4, 3, 1]
+
+
+def test_ctx_model_is_pinned() -> None:
+    """The integer tables the model's probabilities come from, and the model itself, are part of
+    the stream format (encoder and decoder derive the same ones on every machine): pinned here.
+    A change of the model changes these bytes: it must bump CTX_VERSION."""
+    assert ctxcoder.SQUASH.size == 4095 and ctxcoder.SQUASH[0] == 1 and ctxcoder.SQUASH[2047] == 2048 and ctxcoder.SQUASH[-1] == 4095
+    assert np.all(np.diff(ctxcoder.SQUASH) >= 0) and np.all(np.diff(ctxcoder.STRETCH) >= 0)
+    assert (int(ctxcoder.SQUASH.sum()), int(ctxcoder.STRETCH.sum())) == (8386589, -2076)
+    assert zlib.crc32(encode_ctx(_similar_rows(40, 16, seed=7), 6, try_order=False)) == 695364724
 
 
 def test_ctx_packing_in_the_container() -> None:

@@ -1,34 +1,57 @@
-"""Context-modelling range coder of quantised integers (packing ``ctx``).
+"""Context-mixing range coder of quantised integers (packing ``ctx``).
 
 The order-0 coder (``entropy.py``) is within 0.2% of the order-0 bound of its contexts; what the
 records' compressors exploit beyond that is *neighbouring rows*: R7 reorders rows so that similar
-ones are adjacent and stores matrices transposed, so that ZPAQ's byte contexts see the value of
-the previous row in the same column. This coder models that directly:
+ones are adjacent and stores matrices transposed, so that ZPAQ's context mixing sees the values of
+the previous rows in the same column. This coder models that directly, with ZPAQ's kind of model
+(binary decisions, adaptive bit probabilities, logistic mixing) and contexts made for matrices:
 
-* **Row order.** Optionally the rows are coded in greedy L1 nearest-neighbour order (R7's rule:
-  start at row 0, repeatedly the unused row closest to the last one); the permutation is stored
-  bit-packed with ceil(log2 R) bits a row. The encoder codes both orders and keeps the smaller.
-* **Context** of the value at (row r, column c), both known to the decoder before row r:
-  the value of the previous row (in coding order) in column c, bucketed sign-symmetrically by
-  |v| into 0, 1, 2, 3-4, 5-7, 8-11, 12-17, 18+ (15 classes), times a column class (3 classes:
-  the column's mean |v| over the rows coded so far below 0.8x, within, or above 1.25x the
-  tensor's running mean; the middle class for the first 4 rows): 45 contexts.
-* **Adaptive probabilities.** Every context has integer counts over the alphabet, initialised to
-  a discretised Gaussian of the tensor's spread (a stored fp16 sigma) plus 1, incremented by
-  ``INC`` for each coded symbol and halved (floor, kept >= 1) when their total passes ``LIMIT``.
-  The counts are integers, so encoder and decoder derive bit-identical probabilities (one IEEE
-  division each) whatever the machine; ``constriction``'s range coder codes a row at a time with
-  a per-symbol probability table (``Categorical`` with rank-2 probabilities, ``perfect=False``).
+* **Row order.** The rows are coded in their stored order, or in R7's greedy nearest-neighbour
+  order (start at row 0, repeatedly the unused row closest in L1 to the last one) when that is
+  smaller; the encoder codes the latter only when it looks worth its cost (the order-1 entropy
+  of the values given the previous row's class, + log2 R! bits, below the stored order's). The
+  order is stored as ranks: entry i is the rank of its row among those not yet listed, coded
+  uniformly in R - i values (log2 R! bits in all, the least a permutation costs without a model).
+* **Binarisation.** A value u in lo..hi is coded as the D = ceil(log2(hi - lo + 1)) bits of
+  u - lo, most significant first: one binary decision per node of that tree.
+* **Contexts** of the value at (row r, column c), known to the decoder before row r (v: the value
+  centred on the grid's middle; "previous": in the coding order):
+  1. the previous row's v in column c, bucketed sign-symmetrically (|v| 0..14 exact, 15+:
+     31 classes) x the column's spread class (3: its mean |v| so far below 0.8x, within, or
+     above 1.25x the mean over columns; the middle class for the first 4 rows);
+  2. the v two rows back (31 classes);
+  3. the column itself;
+  4. the column's slow running mean m (exponential, weight 1/64, clipped to +-20) x the previous
+     v's offset from it (clipped to +-4);
+  5. the same with a fast running mean (weight 1/8);
+  6. none (one probability per tree node: the tensor's own distribution).
+  Each context has a bit probability at every tree node (16-bit integers, initialised from a
+  discretised logistic of the tensor's spread, a stored fp16 sigma) moved towards each coded bit
+  by 1/(n + 1.5) of the distance, n its count of updates capped at ``LIMIT``.
+* **Mixing.** The six probabilities are mixed in the logistic domain (stretch = ln(p/(1-p)) and
+  squash its inverse, integer tables) with a weight vector per tree level, trained online on the
+  coding cost; an adaptive probability map (APM: the mixed probability's bucket among 33 on the
+  stretch axis, per (tree node, class of the previous v)) refines it, and the coded probability
+  is the mean of the two.
 
-Decoding is row-sequential but vectorised within a row: ~0.2-0.3 ms a row, so a 36M-parameter
-model (~53k rows) decodes in seconds. Nothing in the stream is executed; every field is checked.
+Every step is integer arithmetic (int64 sums, products, shifts and table look-ups; ``np.add.at``
+sums, exact in any order), and the range coder receives probabilities k/4096, exact in float32,
+so encoder and decoder agree bit for bit on any machine. The values are coded a tree level at a
+time, vectorised over the row (D range-coder calls and about 60 numpy operations a row); the
+state learns after the whole row (each tree node belongs to one level, so a row's levels never
+share a probability or a weight; a cell used h times in the row moves by h/(n + 1.5) towards the
+mean of its bits, never past it).
 
 Stream layout::
 
-    u8 flags (bit 0: rows reordered; bits 1-7: the model version, 2), f16 sigma, u8 lo, u8 hi
-    (the symbols' range: the tables cover lo..hi only),
-    [permutation: R values of ceil(log2 R) bits, bit-packed]   (when reordered)
-    u32 W, W little-endian u32 words: the range coder's message.
+    u8 flags (bit 0: rows reordered; bits 1-7: the model version, 3), f16 sigma, u8 lo, u8 hi
+    (the symbols' range), u32 W, then W little-endian u32 words: the range coder's message (the
+    order's ranks when reordered, then the rows' decisions).
+
+Nothing in the stream is executed. A stream of another model version is refused (never decoded
+wrongly); a malformed header, a payload of the wrong length, a decoded symbol outside lo..hi or
+words left over after the last row are errors (the container's CRC32 catches the corruptions of
+the payload that decode to valid symbols).
 """
 
 from __future__ import annotations
@@ -38,18 +61,35 @@ import struct
 
 import numpy as np
 
-from pgolf.quant.bitpack import packed_nbytes
-
 EDGES = np.arange(1, 16, dtype=np.int64)  # |v| bucket edges: 0, 1, ..., 14, 15+ (v = q, centred)
 N_PREV = 2 * len(EDGES) + 1  # 31 sign-symmetric classes
 N_COL = 3
-INC = 48
-LIMIT = 1 << 16
-PRIOR_WEIGHT = 256  # prior pseudo-count mass (INC = one symbol)
-CTX_VERSION = 2  # the model below; a stream of another version is refused (never decoded wrongly)
-MIX_LR = 0.02
-MIX_FLOOR = 0.02
+CTX_VERSION = 3  # the model below; a stream of another version is refused (never decoded wrongly)
+PRIOR_WEIGHT = 256
+LIMIT = 90  # a bit probability's update count cap: later updates move it by 1/91.5 of the way
+EMA_SHIFTS = (6, 3)  # running column means: weights 1/64 and 1/8
+EMA_CLIP, OFF_CLIP = 20, 4
+W_BITS = 16  # mixer weights: fixed point with 16 fractional bits, |w| <= W_MAX
+W_MAX = 4 << W_BITS
+W_RATE = 24  # mixer learning rate (the row's summed gradient x W_RATE / columns)
 _COL_WARMUP = 4
+# squash(d) = 4096 / (1 + exp(-d / 256)) at d = -2048, -1920, ..., 2048; interpolated in between
+_SQUASH_KNOTS = (1, 2, 4, 6, 10, 17, 27, 45, 74, 120, 194, 311, 488, 747, 1102, 1546, 2048, 2550, 2994, 3349, 3608, 3785,
+                 3902, 3976, 4022, 4051, 4069, 4079, 4086, 4090, 4092, 4094, 4095)
+
+
+def _tables() -> tuple[np.ndarray, np.ndarray]:
+    knots = np.array(_SQUASH_KNOTS, dtype=np.int64)
+    d = np.arange(1, 4096, dtype=np.int64)  # d + 2048 for d = -2047..2047
+    i, f = d >> 7, d & 127
+    squash = (knots[i] * (128 - f) + knots[np.minimum(i + 1, 32)] * f + 64) >> 7  # index d + 2047
+    stretch = np.clip(np.searchsorted(squash, np.arange(4096), side="left") - 2047, -2047, 2047)  # its inverse, p 0..4095
+    return squash, stretch.astype(np.int64)
+
+
+SQUASH, STRETCH = _tables()
+STRETCH16 = STRETCH[np.arange(1 << 16) >> 4]  # of a 16-bit probability
+PAIRS = np.stack([4096 - np.arange(4096), np.arange(4096)], axis=1).astype(np.float32) / 4096  # [P(0), P(1)], exact
 
 
 def _constriction():
@@ -58,12 +98,14 @@ def _constriction():
     return c()
 
 
-def _prior_row(alphabet: int, sigma: float) -> np.ndarray:
-    """Initial integer counts of one context: a discretised Gaussian around the centre + 1."""
-    x = np.arange(alphabet, dtype=np.float64) - alphabet // 2
-    s = max(float(sigma), 0.5)
-    g = np.exp(-0.5 * (x / s) ** 2)
-    return np.floor(PRIOR_WEIGHT * g / g.sum()).astype(np.int64) + 1
+def _prior_counts(alphabet: int, sigma: float) -> np.ndarray:
+    """Integer prior counts of the symbols (v = u - alphabet // 2): a discretised logistic of the
+    standard deviation ``sigma`` (an fp16: 256 sigma is exact and rounds alike everywhere), in integers:
+    PRIOR_WEIGHT x (squash((v + 1/2) / b) - squash((v - 1/2) / b)) + 1, b = sigma sqrt(3) / pi."""
+    s256 = max(int(round(float(sigma) * 256)), 128)
+    edges = (2 * np.arange(-(alphabet // 2), alphabet - alphabet // 2 + 1, dtype=np.int64) - 1) * (232 * 256) // s256
+    cdf = SQUASH[np.clip(edges, -2047, 2047) + 2047]
+    return np.diff(cdf) * PRIOR_WEIGHT // 4096 + 1
 
 
 def _prev_class(prev: np.ndarray) -> np.ndarray:
@@ -71,102 +113,99 @@ def _prev_class(prev: np.ndarray) -> np.ndarray:
     return np.sign(prev) * mag + len(EDGES)
 
 
-class _Counts:
-    """Adaptive integer counts of K contexts: integer arithmetic only, so the probabilities that
-    encoder and decoder derive from them (one IEEE division each) are bit-identical."""
-
-    def __init__(self, k: int, prior: np.ndarray):
-        self.counts = np.tile(prior, (k, 1))
-        self.totals = self.counts.sum(axis=1)
-
-    def table(self, ctx: np.ndarray | None) -> np.ndarray:
-        """float32 probabilities [len(ctx), A]; ``ctx=None``: every context in order."""
-        if ctx is None:
-            return self.counts.astype(np.float32) / self.totals.astype(np.float32)[:, None]
-        return self.counts[ctx].astype(np.float32) / self.totals[ctx].astype(np.float32)[:, None]
-
-    def prob(self, ctx: np.ndarray, sym: np.ndarray) -> np.ndarray:
-        return self.counts[ctx, sym].astype(np.float32) / self.totals[ctx].astype(np.float32)
-
-    def update(self, ctx: np.ndarray | None, sym: np.ndarray) -> None:
-        """Count the row's symbols; ``ctx=None``: context i for symbol i (the column model)."""
-        k, a = self.counts.shape
-        if ctx is None:
-            self.counts[np.arange(k), sym] += INC
-            touched = np.arange(k)
-        else:
-            hits = np.bincount(ctx * a + sym, minlength=k * a).reshape(k, a)
-            self.counts += INC * hits
-            touched = np.flatnonzero(hits.any(axis=1))
-        self.totals[touched] = self.counts[touched].sum(axis=1)
-        full = touched[self.totals[touched] > LIMIT]
-        if full.size:
-            self.counts[full] = np.maximum(self.counts[full] // 2, 1)
-            self.totals[full] = self.counts[full].sum(axis=1)
-
-
 class _Model:
-    """The adaptive state shared, step for step, by encoder and decoder: three count models mixed
-    linearly with weights learned per context of the first (online gradient of the code length):
-
-    * the previous row's value in the column (31 classes) x the column's spread class (3);
-    * the value two rows back (31 classes);
-    * the column itself (one context per column: its own distribution).
-
-    Every floating-point operation is elementwise (no reductions whose order could differ between
-    machines), so the mixed probabilities are reproducible bit for bit."""
+    """The adaptive state shared, step for step, by encoder and decoder (see the module docstring)."""
 
     def __init__(self, lo: int, hi: int, centre: int, cols: int, sigma: float):
-        self.lo, self.centre = lo, centre  # symbols are u - lo, u in lo..hi; v = u - centre
-        prior = _prior_row(2 * centre + 1, sigma)[lo : hi + 1]  # the Gaussian around the grid's centre, cut to lo..hi
-        self.models = [_Counts(N_PREV * N_COL, prior), _Counts(N_PREV, prior), _Counts(cols, prior)]
-        self.weights = np.full((N_PREV * N_COL, 3), 1.0 / 3.0, dtype=np.float32)
+        self.lo, self.centre, self.cols = lo, centre, cols
+        a = hi - lo + 1
+        self.depth = d = max(1, math.ceil(math.log2(a)))
+        self.nodes = nn = 1 << d
+        sizes = [N_PREV * N_COL, N_PREV, cols, (2 * EMA_CLIP + 1) * (2 * OFF_CLIP + 1), (2 * EMA_CLIP + 1) * (2 * OFF_CLIP + 1), 1]
+        self.base = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64) * nn
+        # every context starts from the prior's bit probabilities at each node (sums of the prior's
+        # integer counts over the node's two halves)
+        prior = np.zeros(nn, dtype=np.int64)
+        prior[:a] = _prior_counts(2 * centre, sigma)[lo : hi + 1]
+        cum = np.concatenate([[0], np.cumsum(prior)])
+        node_p = np.full(nn, 2048, dtype=np.int64)
+        for k in range(d):
+            w = nn >> k
+            starts = np.arange(1 << k, dtype=np.int64) * w
+            total, ones = cum[starts + w] - cum[starts], cum[starts + w] - cum[starts + w // 2]
+            node_p[(1 << k) + np.arange(1 << k)] = np.where(total > 0, ones * 4096 // np.maximum(total, 1), 2048)
+        # one table of 16-bit probabilities: the contexts' node probabilities, then the APM's cells
+        states = np.tile(np.clip(node_p, 1, 4095) << 4, sum(sizes))
+        self.apm0 = states.size
+        apm = np.tile(SQUASH[np.clip(np.arange(33) * 128 - 2048, -2047, 2047) + 2047] << 4, N_PREV * nn)
+        self.pn = np.concatenate([states, apm]) << 8  # probability << 8 | its update count
+        self.scratch = np.zeros_like(self.pn)
+        self.w = np.full((d, len(sizes)), (1 << W_BITS) // 2, dtype=np.int64)
+        zr = len(sizes) * 2047 * W_MAX >> W_BITS
+        z = np.clip(np.arange(-zr, zr + 1), -2047, 2047)  # any mixer output, saturated
+        self.squash, self.bucket, self.zr = SQUASH[z + 2047], (z + 2047 + 64) >> 7, zr
         self.prev = np.zeros(cols, dtype=np.int64)
         self.prev2 = np.zeros(cols, dtype=np.int64)
+        self.ema = [np.zeros(cols, dtype=np.int64) for _ in EMA_SHIFTS]  # running means, 8 fractional bits
         self.col_abs = np.zeros(cols, dtype=np.int64)
         self.rows_seen = 0
-        self.columns = np.arange(cols)
+        self.row_ctx = np.zeros((cols, len(sizes)), dtype=np.int64)
+        self.row_ctx[:, 2] = np.arange(cols)
+        m = len(sizes)
+        self.buf_idx = np.zeros((d, cols, m + 1), dtype=np.int64)  # the cells used: m contexts + the APM's
+        self.buf_st = np.zeros((d, cols, m), dtype=np.int64)
+        self.buf_p = np.zeros((d, cols), dtype=np.int64)
 
-    def contexts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ctx = _prev_class(self.prev) * N_COL
+    def start_row(self) -> None:
+        pc = _prev_class(self.prev)
+        ctx = self.row_ctx
         if self.rows_seen >= _COL_WARMUP:
             # column mean |v| vs the mean over columns, compared in integers: col * n_cols vs total
-            scaled = self.col_abs * self.col_abs.size
+            scaled = self.col_abs * self.cols
             total = int(self.col_abs.sum())
-            cls = np.where(5 * scaled < 4 * total, 0, np.where(4 * scaled > 5 * total, 2, 1))
+            ctx[:, 0] = pc * N_COL + (5 * scaled >= 4 * total) + (4 * scaled > 5 * total)
         else:
-            cls = 1
-        return ctx + cls, _prev_class(self.prev2), self.columns
+            ctx[:, 0] = pc * N_COL + 1
+        ctx[:, 1] = _prev_class(self.prev2)
+        for i, acc in enumerate(self.ema):
+            m = np.minimum(np.maximum((acc + 128) >> 8, -EMA_CLIP), EMA_CLIP)
+            off = np.minimum(np.maximum(self.prev - m, -OFF_CLIP), OFF_CLIP)
+            ctx[:, 3 + i] = (m + EMA_CLIP) * (2 * OFF_CLIP + 1) + off + OFF_CLIP
+        self.row_base = self.base + ctx * self.nodes  # [cols, 6] (the last context: always 0)
+        self.apm_row = pc * (self.nodes * 33) + self.apm0
 
-    def probabilities(self, ctx) -> np.ndarray:
-        w = self.weights[ctx[0]]
-        t0, t1 = self.models[0].table(ctx[0]), self.models[1].table(ctx[1])
-        t2 = self.models[2].table(None)  # the column model: context = column, in order
-        return w[:, 0:1] * t0 + w[:, 1:2] * t1 + w[:, 2:3] * t2
+    def prob(self, k: int, node: np.ndarray) -> np.ndarray:
+        """The probabilities (12-bit integers, 1..4095) that the level-k bits of the row are 1."""
+        idx = self.row_base + node[:, None]
+        st = STRETCH16[self.pn[idx] >> 8]
+        z = ((st @ self.w[k]) >> W_BITS) + self.zr
+        pm = self.squash[z]
+        j = self.apm_row + node * 33 + self.bucket[z]  # APM: the nearest of 33 buckets of stretch(p)
+        self.buf_idx[k, :, :-1], self.buf_idx[k, :, -1], self.buf_st[k], self.buf_p[k] = idx, j, st, pm
+        return (pm + (self.pn[j] >> 12) + 1) >> 1
 
-    def update(self, ctx, sym: np.ndarray) -> None:
-        sym = np.asarray(sym, dtype=np.int64)
-        p0, p1, p2 = (m.prob(c, sym) for m, c in zip(self.models, ctx))  # before the counts change
-        w = self.weights[ctx[0]]
-        p = w[:, 0] * p0 + w[:, 1] * p1 + w[:, 2] * p2
-        grad = np.stack([p0 / p - 1.0, p1 / p - 1.0, p2 / p - 1.0], axis=1)
-        np.add.at(self.weights, ctx[0], np.float32(MIX_LR) * grad)
-        touched = np.flatnonzero(np.bincount(ctx[0], minlength=self.weights.shape[0]))
-        ww = np.maximum(self.weights[touched], MIX_FLOOR)
-        norm = ww[:, 0] + ww[:, 1] + ww[:, 2]
-        self.weights[touched] = ww / norm[:, None]
-        self.models[0].update(ctx[0], sym)
-        self.models[1].update(ctx[1], sym)
-        self.models[2].update(None, sym)
-        v = sym + self.lo - self.centre
-        self.prev2 = self.prev
-        self.prev = v
+    def commit(self, bits: np.ndarray, u: np.ndarray) -> None:
+        """Learn the row: ``bits`` [depth, cols] its tree decisions, ``u`` its symbols (u - lo)."""
+        err = (bits << 12) - self.buf_p  # [depth, cols]
+        grad = np.matmul(err[:, None, :], self.buf_st)[:, 0]  # [depth, contexts]
+        self.w = np.minimum(np.maximum(self.w + grad * W_RATE // (self.cols << 10), -W_MAX), W_MAX)
+        # every probability used moves towards its bits: a cell used h times in the row, o of them
+        # ones, becomes p + (o 2^16 - h p) / (max(n, h) + 1.5), n its update count capped at LIMIT
+        # (never past o/h: p stays in 0..65535); the hits and ones are summed in one scratch cell
+        idx = self.buf_idx.reshape(-1)
+        np.add.at(self.scratch, idx, np.repeat(bits.reshape(-1) + (1 << 32), self.buf_idx.shape[2]))
+        ho, pn = self.scratch[idx], self.pn[idx]
+        self.scratch[idx] = 0
+        h, p = ho >> 32, pn >> 8
+        n = np.minimum((pn & 255) + h, LIMIT)
+        step = (((ho & 0xFFFFFFFF) << 16) - h * p) * 131072 // (2 * np.maximum(n, h) + 3)  # x 65536 / (n + 1.5)
+        self.pn[idx] = ((p + (step >> 16)) << 8) | n
+        v = u + self.lo - self.centre
+        self.prev2, self.prev = self.prev, v
+        for i, s in enumerate(EMA_SHIFTS):
+            self.ema[i] = self.ema[i] + (((v << 8) - self.ema[i]) >> s)
         self.col_abs += np.abs(v)
         self.rows_seen += 1
-
-
-def _perm_bits(rows: int) -> int:
-    return max(1, math.ceil(math.log2(rows))) if rows > 1 else 1
 
 
 def _sigma(u: np.ndarray, alphabet: int) -> float:
@@ -174,24 +213,78 @@ def _sigma(u: np.ndarray, alphabet: int) -> float:
     return float(np.float16(np.sqrt(np.mean(v * v))))
 
 
-def _encode_rows(u: np.ndarray, lo: int, hi: int, centre: int, sigma: float) -> np.ndarray:
-    if lo == hi:  # one symbol: nothing to code
-        return np.zeros(0, dtype="<u4")
+def _order_ranks(perm: np.ndarray) -> np.ndarray:
+    """Rank of each perm[i] among the indices not in perm[:i] (a Fenwick tree of the unused)."""
+    n = perm.size
+    tree = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):  # all unused: tree[i] = lowbit(i)
+        tree[i] = i & -i
+    tree = tree.tolist()
+    ranks = np.empty(n, dtype=np.int64)
+    for i, x in enumerate(perm.tolist()):
+        r, j = 0, x
+        while j > 0:  # unused indices below x
+            r += tree[j]
+            j -= j & -j
+        ranks[i] = r
+        _fenwick_remove(tree, x, n)
+    return ranks
+
+
+def _order_from_ranks(ranks: np.ndarray) -> np.ndarray:
+    """Inverse of ``_order_ranks``: the index of each rank among the still unused indices."""
+    n = ranks.size
+    tree = [0] + [i & -i for i in range(1, n + 1)]
+    top = 1 << max(0, n.bit_length() - 1) if n else 0
+    perm = np.empty(n, dtype=np.int64)
+    for i, r in enumerate(ranks.tolist()):
+        pos, step = 0, top
+        while step:  # the largest pos whose unused count is <= r
+            if pos + step <= n and tree[pos + step] <= r:
+                pos += step
+                r -= tree[pos]
+            step >>= 1
+        perm[i] = pos
+        _fenwick_remove(tree, pos, n)
+    return perm
+
+
+def _fenwick_remove(tree: list[int], index: int, n: int) -> None:
+    """Mark ``index`` used: one less unused index at and above it in the Fenwick tree."""
+    j = index + 1
+    while j <= n:
+        tree[j] -= 1
+        j += j & -j
+
+
+def _bits_of(t: np.ndarray, depth: int) -> np.ndarray:
+    return (t[None, :] >> np.arange(depth - 1, -1, -1, dtype=np.int64)[:, None]) & 1
+
+
+def _encode(u: np.ndarray, lo: int, hi: int, centre: int, sigma: float, perm: np.ndarray | None) -> np.ndarray:
     c = _constriction()
-    family = c.stream.model.Categorical(perfect=False)
     enc = c.stream.queue.RangeEncoder()
+    rows = u.shape[0]
+    if perm is not None and rows > 1:
+        enc.encode(_order_ranks(perm)[:-1].astype(np.int32), c.stream.model.Uniform(), np.arange(rows, 1, -1, dtype=np.int32))
+    data = u if perm is None else u[perm]
+    family = c.stream.model.Categorical(perfect=False)
     model = _Model(lo, hi, centre, u.shape[1], sigma)
-    for row in u:
-        sym = row.astype(np.int32) - lo
-        ctx = model.contexts()
-        enc.encode(sym, family, model.probabilities(ctx))
-        model.update(ctx, sym)
+    for row in data:
+        t = row.astype(np.int64) - lo
+        bits = _bits_of(t, model.depth)
+        model.start_row()
+        node = np.ones_like(t)
+        for k in range(model.depth):
+            enc.encode(bits[k].astype(np.int32), family, PAIRS[model.prob(k, node)])
+            node = (node << 1) | bits[k]
+        model.commit(bits, t)
     return enc.get_compressed().astype("<u4")
 
 
 def encode_ctx(u: np.ndarray, bits: int, *, order: np.ndarray | None = None, try_order: bool = True) -> bytes:
     """Code the offset integers ``u`` [R, C] (< 2^bits). ``order``: a row order to use (else the
-    greedy L1 order is tried when ``try_order`` and kept only if smaller)."""
+    greedy nearest-neighbour order is tried when ``try_order`` and kept only if smaller)."""
     u = np.ascontiguousarray(u, dtype=np.uint8)
     assert u.ndim == 2 and u.size > 0 and 1 <= bits <= 8
     alphabet = 1 << bits
@@ -201,131 +294,110 @@ def encode_ctx(u: np.ndarray, bits: int, *, order: np.ndarray | None = None, try
 
     def stream(perm: np.ndarray | None) -> bytes:
         perm = None if lo == hi else perm  # one symbol: no payload, no order
-        data = u if perm is None else u[perm]
-        words = _encode_rows(data, lo, hi, alphabet // 2, sigma)
+        words = np.zeros(0, dtype="<u4") if lo == hi else _encode(u, lo, hi, alphabet // 2, sigma, perm)
         head = struct.pack("<BeBB", (CTX_VERSION << 1) | (1 if perm is not None else 0), sigma, lo, hi)
-        if perm is not None:
-            head += pack_bits_wide(perm, _perm_bits(rows))
         return head + struct.pack("<I", words.size) + words.tobytes()
 
     if order is not None:
         return stream(np.asarray(order, dtype=np.int64))
     best = stream(None)
-    if try_order and rows > 2:
-        reordered = stream(greedy_l2_order(u))
-        if len(reordered) < len(best):
-            best = reordered
+    if try_order and rows > 2 and lo < hi:
+        perm = greedy_l1_order(u)
+        # the reordered stream is coded only when it looks worth its order: the static entropy of
+        # the values given the previous row's class, + log2 R! bits, below that of the stored order
+        if _neighbour_bits(u[perm], alphabet) + math.lgamma(rows + 1) / math.log(2) < _neighbour_bits(u, alphabet):
+            reordered = stream(perm)
+            if len(reordered) < len(best):
+                best = reordered
     return best
 
 
-def greedy_l2_order(u: np.ndarray, dims: int = 128) -> np.ndarray:
-    """Greedy nearest-neighbour row order (start at row 0, then the unused row closest to the last
-    appended one; ties: the lowest index) in squared L2 distance between the rows' projections
-    on their top ``dims`` principal directions (all columns when there are fewer). One small
-    matrix-vector product per row (|a - b|^2 = |a|^2 - 2 a.b + |b|^2), single-threaded (torch's
-    and OpenBLAS's thread pools stall these small calls on a busy machine): a 8192 x 512 matrix
-    orders in seconds, where R7's exact L1 rule takes minutes. The order is stored in the stream;
-    the decoder never recomputes it."""
+def _neighbour_bits(u: np.ndarray, alphabet: int) -> float:
+    """Order-1 entropy (bits) of the rows after the first given the previous row's value class."""
+    classes = _prev_class(u[:-1].astype(np.int64) - alphabet // 2)
+    counts = np.bincount((classes * alphabet + u[1:]).reshape(-1), minlength=N_PREV * alphabet).reshape(N_PREV, alphabet)
+    totals = counts.sum(axis=1, keepdims=True)
+    nz = counts > 0
+    return float(-(counts[nz] * np.log2((counts / np.maximum(totals, 1))[nz])).sum())
+
+
+def greedy_l1_order(u: np.ndarray) -> np.ndarray:
+    """R7's greedy nearest-neighbour row order: start at row 0, then repeatedly the unused row with
+    the smallest L1 distance to the last appended one (ties: the lowest index). Integer rows (int16,
+    exact sums), single-threaded (torch's thread pool stalls these small calls on a busy machine),
+    and the used rows dropped from the search as they accumulate: an 8192 x 128 matrix orders in
+    seconds. The order is stored in the stream; the decoder never recomputes it."""
     import torch
 
+    rows = u.shape[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        x = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float64))
-        x = x - x.mean(dim=0, keepdim=True)
-        if x.shape[1] > dims:
-            _, vecs = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues
-            x = x @ vecs[:, -dims:]
-        x = x.float().contiguous()
-        rows = x.shape[0]
-        sq = (x * x).sum(dim=1)
-        order = greedy_chain(rows, lambda last: torch.addmv(sq, x, x[last], alpha=-2.0))
+        x = torch.from_numpy(np.ascontiguousarray(u, dtype=np.int16))
+        ids, live = torch.arange(rows), x  # the rows searched, in index order (argmin: the lowest on ties)
+        used = torch.zeros(rows, dtype=torch.bool)
+        order = np.zeros(rows, dtype=np.int64)
+        for i in range(1, rows):
+            used[order[i - 1]] = True
+            if 2 * (i - rows + ids.numel()) > ids.numel() > 64:  # over half of them used: drop those
+                keep = ~used[ids]
+                ids, live = ids[keep], live[keep]
+            d = torch.sub(live, x[order[i - 1]]).abs_().sum(dim=1, dtype=torch.int32)
+            order[i] = int(ids[int(torch.argmin(d.masked_fill_(used[ids], torch.iinfo(torch.int32).max)))])
     finally:
         torch.set_num_threads(threads)
     return order
-
-
-def greedy_chain(rows: int, distances_from) -> np.ndarray:
-    """Greedy nearest-neighbour order of ``rows`` items: start at 0, then repeatedly the unused item
-    with the smallest ``distances_from(last)`` (a tensor over all items; ties: the lowest index)."""
-    import torch
-
-    dead = torch.zeros(rows, dtype=torch.bool)
-    inf = torch.tensor(float("inf"))
-    order = np.empty(rows, dtype=np.int64)
-    last = 0
-    for i in range(rows):
-        order[i] = last
-        dead[last] = True
-        if i + 1 == rows:
-            break
-        last = int(torch.argmin(torch.where(dead, inf, distances_from(last))))
-    return order
-
-
-def pack_bits_wide(values: np.ndarray, bits: int) -> bytes:
-    """Unsigned values of up to 24 bits, bit-packed LSB first (as ``bitpack.pack_bits`` for 1-8)."""
-    v = np.asarray(values, dtype=np.uint32)
-    bitmat = ((v[:, None] >> np.arange(bits, dtype=np.uint32)[None, :]) & 1).astype(np.uint8)
-    return np.packbits(bitmat.reshape(-1), bitorder="little").tobytes()
-
-
-def unpack_bits_wide(data: bytes, n: int, bits: int) -> np.ndarray:
-    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: n * bits].reshape(n, bits)
-    return (flat.astype(np.uint32) << np.arange(bits, dtype=np.uint32)[None, :]).sum(axis=1).astype(np.int64)
 
 
 def decode_ctx(data: bytes, rows: int, cols: int, bits: int) -> np.ndarray:
     """Inverse of ``encode_ctx``: the [rows, cols] uint8 offset integers; ValueError if malformed."""
     if rows <= 0 or cols <= 0:
         raise ValueError("ctx stream: empty tensor")
-    if len(data) < 5:
+    if len(data) < 9:
         raise ValueError("ctx stream: truncated")
     flags, sigma, lo, hi = struct.unpack_from("<BeBB", data, 0)
     if flags >> 1 != CTX_VERSION:
         raise ValueError(f"ctx stream: model version {flags >> 1}, this pgolf decodes version {CTX_VERSION} (bad flags)")
-    flags &= 1
+    reordered = bool(flags & 1)
     alphabet = 1 << bits
     if not (math.isfinite(sigma) and sigma >= 0) or lo > hi or hi >= alphabet:
         raise ValueError(f"ctx stream: bad header (sigma {sigma}, symbols {lo}..{hi} of {alphabet})")
-    pos = 5
-    perm = None
-    if flags == 1:
-        pb = _perm_bits(rows)
-        nbytes = packed_nbytes(rows * pb, 1)
-        if pos + nbytes > len(data):
-            raise ValueError("ctx stream: truncated row permutation")
-        perm = unpack_bits_wide(data[pos : pos + nbytes], rows, pb)
-        pos += nbytes
-        if not np.array_equal(np.sort(perm), np.arange(rows)):
-            raise ValueError("ctx stream: the row order is not a permutation")
-    if pos + 4 > len(data):
-        raise ValueError("ctx stream: truncated word count")
-    (nwords,) = struct.unpack_from("<I", data, pos)
-    pos += 4
-    if pos + 4 * nwords != len(data):
-        raise ValueError(f"ctx stream: {len(data) - pos} payload bytes, the stream says {4 * nwords}")
-    words = np.frombuffer(data, dtype="<u4", count=nwords, offset=pos).astype(np.uint32)
+    (nwords,) = struct.unpack_from("<I", data, 5)
+    if 9 + 4 * nwords != len(data):
+        raise ValueError(f"ctx stream: {len(data) - 9} payload bytes, the stream says {4 * nwords}")
+    words = np.frombuffer(data, dtype="<u4", count=nwords, offset=9).astype(np.uint32)
     if lo == hi:
-        if nwords:
-            raise ValueError("ctx stream: a one-symbol tensor carries no payload")
-        out = np.full((rows, cols), lo, dtype=np.uint8)
-        if perm is not None:
-            raise ValueError("ctx stream: a one-symbol tensor has no row order")
-        return out
+        if nwords or reordered:
+            raise ValueError("ctx stream: a one-symbol tensor carries no payload and no row order")
+        return np.full((rows, cols), lo, dtype=np.uint8)
     c = _constriction()
-    family = c.stream.model.Categorical(perfect=False)
     dec = c.stream.queue.RangeDecoder(words)
+    family = c.stream.model.Categorical(perfect=False)
     model = _Model(lo, hi, alphabet // 2, cols, sigma)
     out = np.empty((rows, cols), dtype=np.uint8)
+    bits_buf = np.empty((model.depth, cols), dtype=np.int64)
     try:
+        perm = None
+        if reordered:
+            ranks = np.zeros(rows, dtype=np.int64)
+            if rows > 1:
+                ranks[:-1] = dec.decode(c.stream.model.Uniform(), np.arange(rows, 1, -1, dtype=np.int32))
+            if np.any(ranks >= np.arange(rows, 0, -1)):
+                raise ValueError("ctx stream: a row-order rank out of range")
+            perm = _order_from_ranks(ranks)
         for r in range(rows):
-            ctx = model.contexts()
-            sym = np.asarray(dec.decode(family, model.probabilities(ctx)), dtype=np.int64)
-            if sym.size != cols or (sym.size and (sym.min() < 0 or sym.max() > hi - lo)):
+            model.start_row()
+            node = np.ones(cols, dtype=np.int64)
+            for k in range(model.depth):
+                bits_buf[k] = dec.decode(family, PAIRS[model.prob(k, node)])
+                node = (node << 1) | bits_buf[k]
+            t = node - model.nodes
+            if t.max() > hi - lo:
                 raise ValueError("ctx stream: decoded symbols outside the alphabet")
-            out[r] = sym + lo
-            model.update(ctx, sym)
+            out[r] = t + lo
+            model.commit(bits_buf, t)
+        if not dec.maybe_exhausted():
+            raise ValueError("ctx stream: range-coder words left over after the last row (corrupt payload)")
     except (AssertionError, RuntimeError, OverflowError) as exc:
         raise ValueError(f"ctx stream: corrupt range-coder payload ({str(exc)[:80]})") from None
     if perm is not None:

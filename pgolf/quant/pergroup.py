@@ -98,19 +98,11 @@ def lrzip_decompress(data: bytes) -> bytes:
 
 def greedy_l1_order(q: np.ndarray) -> np.ndarray:
     """Greedy nearest-neighbour row order: start at row 0, then repeatedly the unused row with the
-    smallest L1 distance (fp32) to the last appended one (ties: the lowest index). Runs
-    single-threaded (torch's thread pool stalls these small calls on a busy machine)."""
-    rows = q.shape[0]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from pgolf.quant.ctxcoder import greedy_chain
+    smallest L1 distance to the last appended one (ties: the lowest index); the context coder's
+    search (``ctxcoder.greedy_l1_order``, exact integer distances)."""
+    from pgolf.quant.ctxcoder import greedy_l1_order as order
 
-        x = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-        order = greedy_chain(rows, lambda last: (x - x[last]).abs().sum(dim=1))
-    finally:
-        torch.set_num_threads(threads)
-    return order
+    return order(q)
 
 
 # ------------------------------------------------------------------------------------------------
