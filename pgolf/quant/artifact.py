@@ -76,15 +76,23 @@ def build_artifact(
     ``hessians``), write the container to ``path`` atomically, and re-read it: the report's
     choices come from the file itself, and a file that does not decode is never reported as fine.
     Training-only parts are left out first (``pgolf.model.export_view``: MTP heads dropped, tanh-
-    reparameterised weights stored as their effective values, the meta's config the plain model's)."""
+    reparameterised weights stored as their effective values, the meta's config the plain model's).
+    The returned tensors are in the model's own order; with ``quant.hidden_order=greedy`` the file
+    holds them with the MLPs' hidden units relabelled (``pgolf.quant.hidden_order``)."""
     from pgolf.model.export_view import artifact_view
 
     state_dict, model_cfg = artifact_view(state_dict, model_cfg)
     cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
     qtensors = quantize_state_dict(cpu_state, qcfg, hessians)
+    stored = qtensors
     extra = {**(meta_extra or {}), "code_bytes": code_bytes, "budget_bytes": qcfg.budget_bytes, "gptq": bool(hessians)}
+    if qcfg.hidden_order == "greedy":  # the file holds the MLPs with relabelled hidden units
+        from pgolf.quant.hidden_order import order_mlp_hidden
+
+        stored, reordered = order_mlp_hidden(qtensors)
+        extra["hidden_order"] = {"rule": "greedy_l1", "mlps": len(reordered)}
     plan = ChunkPlan(default_codec=qcfg.codec, packing=qcfg.packing, progress=progress)
-    blob = encode_artifact(qtensors, artifact_meta(model_cfg, extra), plan)
+    blob = encode_artifact(stored, artifact_meta(model_cfg, extra), plan)
     contents = decode_artifact(blob, str(path))
     choices: dict[str, int] = {}
     for info in contents.tensors:

@@ -69,6 +69,10 @@ class QuantConfig:
     # rotate_seed) and undoes it at load (pgolf.quant.rotate); the seed is stored in the artifact.
     rotate: str = "none"
     rotate_seed: int = 0
+    # off | greedy: store every MLP's hidden units in the greedy L1 nearest-neighbour order of its
+    # fc rows (fc rows and proj columns permuted together: the same model, nothing stored; see
+    # pgolf.quant.hidden_order). R7 reorders rows for its compressor and stores the permutations.
+    hidden_order: str = "off"
     # GPTQ: off | full (Hessian from calibration activations, Cholesky error feedback).
     gptq: str = "off"
     gptq_calib_source: str = "train"  # train | self (self-generated sequences); never validation
@@ -119,6 +123,8 @@ class QuantConfig:
                 raise ConfigError(f"quant.{key}: must be >= 0 (0 = off), got {getattr(self, key)}")
         if self.rotate not in ("none", "hadamard"):
             raise ConfigError(f"quant.rotate: must be none or hadamard, got {self.rotate!r}")
+        if self.hidden_order not in ("off", "greedy"):
+            raise ConfigError(f"quant.hidden_order: must be off or greedy, got {self.hidden_order!r}")
         if not 0 <= self.rotate_seed < 1 << 62:
             raise ConfigError(f"quant.rotate_seed: must be in [0, 2^62), got {self.rotate_seed}")
         for key in ("embed_format", "attn_format", "mlp_format", "other_format", "small_format", "control_format"):

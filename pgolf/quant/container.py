@@ -20,7 +20,8 @@ Header JSON (arrays rather than objects: the header counts toward the 16 MB)::
 ``key`` is ``v`` (values) or ``s`` (per-row scales of an integer format); ``offset``/``nbytes``
 locate the stream inside the *decompressed* chunk; ``enc`` is the element encoding
 (``streams.ENCODINGS``) and ``packing`` is ``raw``, ``bitpack``, ``entropy`` or ``ctx`` (integer values
-only). The packing and the chunk's codec are the export's recorded per-tensor choice.
+only; LQER factors ``la``/``lb``: ``bitpack`` or ``entropy``), or ``ftree`` for fp16 scales
+(``scalecoder.py``). The packing and the chunk's codec are the export's recorded per-tensor choice.
 
 Chunks: range-coded streams go, uncompressed, into one ``none`` chunk. With a fixed codec every
 other stream shares one chunk compressed with it (as the submissions compressed one blob). With
@@ -50,7 +51,9 @@ from pgolf.errors import ArtifactError
 from pgolf.quant.codecs import CODEC_IDS, CODEC_NAMES, compress, decompress
 from pgolf.quant.export import TORCH_DTYPES, QTensor
 from pgolf.quant.formats import parse_format
-from pgolf.quant.streams import CODED_PACKINGS, FLOAT_TAGS, PACKINGS, TAG_OF, pack_ints, tensor_from_bytes, tensor_to_bytes, unpack_ints
+from pgolf.quant.scalecoder import can_code, decode_halves, encode_halves
+from pgolf.quant.streams import (CODED_PACKINGS, FLOAT_PACKINGS, FLOAT_TAGS, PACKINGS, TAG_OF, itemsize, pack_ints, shuffle_planes, tensor_from_bytes,
+                                 tensor_to_bytes, unpack_ints, unshuffle_planes)
 
 MAGIC = b"PGOLFAR\x00"
 ROTATE_KEY = "rotate"  # meta field of quant.rotate=hadamard (pgolf.quant.rotate)
@@ -66,6 +69,8 @@ CTX_MIN_VALUES = 4096  # packing=auto tries the context coder on tensors of at l
 # its size (0.5%): it decodes at ~1 ms a row where the order-0 coder takes microseconds, so a 36M-parameter
 # model decodes in seconds only if the context coder holds the tensors where it pays
 CTX_MIN_GAIN = 200
+FTREE_MIN_VALUES = 64  # packing=auto tries range-coding fp16 scale streams of at least this many rows (scalecoder.py)
+SHUFFLE_MIN_VALUES = 16  # ... and byte planes for float streams of at least this many values
 _FOREIGN_MAGICS = {
     b"\x80": "a pickle / torch.save file",
     b"PK": "a torch.save zip file",
@@ -182,21 +187,32 @@ def _tensor_streams(qt: QTensor, plan: ChunkPlan, codecs: list[str]) -> list[_Pe
     def raw_stream(key: str, t: torch.Tensor) -> _Pending:
         tag, data = tensor_to_bytes(t)
         # small streams share the "misc" chunk, whose codec is chosen on the concatenation
-        trial = codecs if len(codecs) > 1 and len(data) >= SOLO_MIN_BYTES else []
-        return _Pending(key, tag, {"raw": data}, trial)
+        candidates = {"raw": data}
+        if plan.packing == "auto" and tag in FLOAT_TAGS and t.numel() >= SHUFFLE_MIN_VALUES:
+            candidates["shuffle"] = shuffle_planes(data, itemsize(tag))
+        trial = codecs if len(data) >= SOLO_MIN_BYTES and (len(codecs) > 1 or len(candidates) > 1) else []
+        return _Pending(key, tag, candidates, trial)
 
     if qt.scale is None:
         return [raw_stream("v", qt.values)]
     fmt = parse_format(qt.fmt)
+    auto = plan.packing == "auto"
     candidates = {p: pack_ints(qt.values, fmt, p) for p in _packing_candidates(qt, plan.packing)}
     trial = codecs if len(candidates) > 1 or len(codecs) > 1 else []
-    out = [_Pending("v", "i8", candidates, trial), raw_stream("s", qt.scale)]
-    if qt.lqer is not None:  # LQER factors: bit-packed integers + fp16 scales (small: the shared chunk)
+    scales = raw_stream("s", qt.scale)
+    halves = qt.scale.detach().cpu().numpy()
+    if auto and halves.size >= FTREE_MIN_VALUES and can_code(halves):
+        # range-coded fp16 patterns: a small stream has no codec trial, so ftree is taken as it is
+        scales.candidates["ftree"] = encode_halves(halves)
+    out = [_Pending("v", "i8", candidates, trial), scales]
+    if qt.lqer is not None:  # LQER factors: bit-packed (or range-coded) integers + fp16 scales
         fa, fb = qt.lqer.formats
 
         def factor(key: str, q: torch.Tensor, ffmt) -> _Pending:
-            data = pack_ints(q, ffmt, "bitpack")
-            return _Pending(key, "i8", {"bitpack": data}, codecs if len(codecs) > 1 and len(data) >= SOLO_MIN_BYTES else [])
+            data = {"bitpack": pack_ints(q, ffmt, "bitpack")}
+            if auto:  # A's int2 codes are mostly 0: an order-0 range coder beats their 2 bits
+                data["entropy"] = pack_ints(q, ffmt, "entropy")
+            return _Pending(key, "i8", data, codecs if len(codecs) > 1 and len(data["bitpack"]) >= SOLO_MIN_BYTES else [])
 
         out += [factor("la", qt.lqer.qa, fa), raw_stream("las", qt.lqer.sa), factor("lb", qt.lqer.qb, fb), raw_stream("lbs", qt.lqer.sb)]
     return out
@@ -205,7 +221,10 @@ def _tensor_streams(qt: QTensor, plan: ChunkPlan, codecs: list[str]) -> list[_Pe
 def _decide(pending: list[_Pending], codecs: list[str], progress: bool) -> None:
     """Set every stream's (packing, codec) to the smallest measured combination."""
     tasks, owners = [], []
+    deferred = [p for p in pending if not p.trial_codecs and len(p.candidates) > 1]  # see _decide_small
     for p in pending:
+        if any(p is d for d in deferred):
+            continue
         for packing, data in p.candidates.items():
             for codec in (["none"] if packing in CODED_PACKINGS else p.trial_codecs):
                 tasks.append((codec, data))
@@ -218,10 +237,50 @@ def _decide(pending: list[_Pending], codecs: list[str], progress: bool) -> None:
     for p in pending:
         if id(p) in best:
             _, p.packing, p.codec = best[id(p)]
-        else:  # a single candidate and nothing to try
+        else:  # a single candidate and nothing to try (or deferred: the first candidate for now)
             p.packing = next(iter(p.candidates))
             p.codec = "none" if p.packing in CODED_PACKINGS else codecs[0]
-        p.candidates = {p.packing: p.candidates[p.packing]}  # free the losers
+        if not any(p is d for d in deferred):
+            p.candidates = {p.packing: p.candidates[p.packing]}  # free the losers
+    _decide_small(deferred, codecs)
+
+
+def _decide_small(small: list[_Pending], codecs: list[str]) -> None:
+    """Streams with alternatives but no codec trial of their own (small ones, which share a
+    chunk, so what they compress to depends on their neighbours) are decided by kind (``ftree``
+    scales, ``shuffle`` floats, range-coded LQER factors) on a measured total: their first
+    candidates' concatenation compressed with the best codec plus the range-coded streams' sizes.
+    A kind is switched on only when it lowers that total (greedily, the largest saving first)."""
+    kinds = sorted({k for p in small for k in p.candidates if k != p.packing})
+    if not kinds:
+        return
+    base = {id(p): p.packing for p in small}
+
+    def total(switched: set[str]) -> int:
+        shared, coded = [], 0
+        for p in small:
+            k = next((k for k in p.candidates if k in switched), base[id(p)])
+            if k in CODED_PACKINGS:
+                coded += len(p.candidates[k])
+            else:
+                shared.append(p.candidates[k])
+        raw = b"".join(shared)
+        return coded + (min(len(compress(c, raw)) for c in codecs) if raw else 0)
+
+    switched: set[str] = set()
+    best = total(switched)
+    while True:
+        trials = {k: total(switched | {k}) for k in kinds if k not in switched}
+        k = min(trials, key=trials.get, default=None)
+        if k is None or trials[k] >= best:
+            break
+        switched.add(k)
+        best = trials[k]
+    for p in small:
+        p.packing = next((k for k in p.candidates if k in switched), base[id(p)])
+        if p.packing in CODED_PACKINGS:
+            p.codec = "none"
+        p.candidates = {p.packing: p.candidates[p.packing]}
 
 
 def _group_of(p: _Pending, auto: bool, solo_id: str) -> str:
@@ -480,10 +539,16 @@ def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], k
         if offset + nbytes > len(chunks[chunk]):
             raise _Reject(f"{where}: stream {key!r} points outside its chunk")
         data = chunks[chunk][offset : offset + nbytes]
-        int_key = key in ("v", "la", "lb")
-        if packing not in PACKINGS or (packing != "raw" and (not int_key or not is_int)) or (key in ("la", "lb") and packing != "bitpack"):
+        float_stream = key in ("s", "las", "lbs") or not is_int
+        allowed_packings = {"s": (*FLOAT_PACKINGS, "ftree"), "la": ("bitpack", "entropy"), "lb": ("bitpack", "entropy")}.get(
+            key, FLOAT_PACKINGS if float_stream else PACKINGS)
+        if packing not in allowed_packings:
             raise _Reject(f"{where}: packing {packing!r} is not allowed for stream {key!r} of format {fmt}")
         try:
+            if packing == "shuffle":
+                if enc not in FLOAT_TAGS:
+                    raise ValueError(f"byte planes hold float encodings, not {enc!r}")
+                data = unshuffle_planes(data, itemsize(enc))
             if key in ("la", "lb"):
                 if enc != "i8":
                     raise ValueError(f"LQER factors must have encoding i8, got {enc!r}")
@@ -494,7 +559,7 @@ def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], k
                     raise ValueError(f"LQER: sym factor bits {param} outside 2..8")
                 ffmt = (ASYM_A if key == "la" else ASYM_B) if mode == "asym" else sym_format(param)
                 r_, c_ = (shape[0], rank) if key == "la" else (rank, cols)
-                t = unpack_ints(data, "bitpack", ffmt, r_, c_)
+                t = unpack_ints(data, packing, ffmt, r_, c_)
             elif key in ("las", "lbs"):
                 if enc != "f16":
                     raise ValueError(f"LQER scales must have encoding f16, got {enc!r}")
@@ -502,9 +567,9 @@ def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], k
                     raise ValueError(f"{nbytes} bytes is not a whole number of f16 scales")
                 t = tensor_from_bytes(enc, data, nbytes // 2)
             elif key == "s":
-                if enc not in FLOAT_TAGS:
-                    raise ValueError(f"scale encoding {enc!r} is not a float encoding")
-                t = tensor_from_bytes(enc, data, rows)
+                if enc not in FLOAT_TAGS or (packing == "ftree" and enc != "f16"):
+                    raise ValueError(f"scale encoding {enc!r} is not a float encoding{' (ftree: f16 only)' if enc in FLOAT_TAGS else ''}")
+                t = torch.from_numpy(decode_halves(data, rows)) if packing == "ftree" else tensor_from_bytes(enc, data, rows)
                 if rows and not (torch.isfinite(t.float()).all() and (t.float() > 0).all()):
                     raise ValueError("scales must be finite and positive")
             elif is_int:

@@ -11,6 +11,11 @@ Packings:
 * ``ctx``: integer-format values range-coded with adaptive probabilities conditioned on the previous
   row (optionally in a stored nearest-neighbour row order) and the column's running spread
   (``ctxcoder.py``).
+
+The per-row scales (``s``, float16) may instead be ``ftree``: their bit patterns range-coded with
+an adaptive binary tree (``scalecoder.py``, decoded by the container). Float streams may be
+``shuffle``: the same bytes as byte planes (every value's byte 0, then every byte 1, ...), which
+the byte codecs compress better (sign and exponent bytes together, noisy mantissa bytes together).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from pgolf.quant.entropy import decode_entropy, encode_entropy
 from pgolf.quant.formats import Format
 
 PACKINGS = ("raw", "bitpack", "entropy", "ctx")
-CODED_PACKINGS = ("entropy", "ctx")  # range-coded: stored without a byte codec
+FLOAT_PACKINGS = ("raw", "shuffle")  # float streams: their bytes, or byte planes (shuffle_planes)
+CODED_PACKINGS = ("entropy", "ctx", "ftree")  # range-coded: stored without a byte codec
 
 # Stream encodings: tag -> (torch dtype, numpy dtype of the little-endian bytes).
 ENCODINGS = {
@@ -50,6 +56,18 @@ def encoding_of(t: torch.Tensor) -> str:
 
 def itemsize(tag: str) -> int:
     return np.dtype(ENCODINGS[tag][1]).itemsize
+
+
+def shuffle_planes(data: bytes, itemsize: int) -> bytes:
+    """The bytes of ``itemsize``-byte elements as byte planes: byte 0 of every element, then byte 1, ..."""
+    assert len(data) % itemsize == 0
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, itemsize).T.tobytes()
+
+
+def unshuffle_planes(data: bytes, itemsize: int) -> bytes:
+    if len(data) % itemsize:
+        raise ValueError(f"{len(data)} bytes are not whole {itemsize}-byte elements")
+    return np.frombuffer(data, dtype=np.uint8).reshape(itemsize, -1).T.tobytes()
 
 
 def tensor_to_bytes(t: torch.Tensor) -> tuple[str, bytes]:
