@@ -60,7 +60,7 @@ def bench(run: Path, args) -> dict:
     from pgolf.quant.compare import codec_comparison
     from pgolf.quant.container import ChunkPlan, decode_artifact, encode_artifact, write_bytes_atomic
     from pgolf.quant.report import format_codecs
-    from pgolf.quant.artifact import artifact_meta
+    from pgolf.quant.artifact import artifact_meta, file_tensors
 
     import json
 
@@ -69,7 +69,8 @@ def bench(run: Path, args) -> dict:
     preset = args.quant_preset or json.loads((run / "config.json").read_text(encoding="utf-8")).get("preset")
     cfg, qtensors, summary, calib_s, quant_s = quantise(run, preset, not args.no_gptq, args.packing, args.overrides)
     params = sum(q.numel for q in qtensors)
-    meta = artifact_meta(cfg.model, {"preset": cfg.preset, "profile": cfg.profile})
+    qtensors, file_meta = file_tensors(qtensors, cfg.quant)  # every codec compares the integers the file holds
+    meta = artifact_meta(cfg.model, {"preset": cfg.preset, "profile": cfg.profile, **file_meta})
     t0 = time.perf_counter()
     blob = encode_artifact(qtensors, meta, ChunkPlan(default_codec=cfg.quant.codec, packing=cfg.quant.packing))
     enc_s = time.perf_counter() - t0

@@ -61,6 +61,18 @@ def payload_bytes(qtensors: list[QTensor]) -> int:
     return total
 
 
+def file_tensors(qtensors: list[QTensor], qcfg: QuantConfig) -> tuple[list[QTensor], dict]:
+    """The quantised tensors as the file holds them, and what the meta says about it: with
+    ``quant.hidden_order=greedy`` the MLPs' hidden units relabelled (``pgolf.quant.hidden_order``),
+    else the tensors themselves."""
+    if qcfg.hidden_order != "greedy":
+        return qtensors, {}
+    from pgolf.quant.hidden_order import order_mlp_hidden
+
+    stored, reordered = order_mlp_hidden(qtensors)
+    return stored, {"hidden_order": {"rule": "greedy_l1", "mlps": len(reordered)}}
+
+
 def build_artifact(
     state_dict: dict[str, torch.Tensor],
     model_cfg: ModelConfig,
@@ -84,13 +96,8 @@ def build_artifact(
     state_dict, model_cfg = artifact_view(state_dict, model_cfg)
     cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
     qtensors = quantize_state_dict(cpu_state, qcfg, hessians)
-    stored = qtensors
-    extra = {**(meta_extra or {}), "code_bytes": code_bytes, "budget_bytes": qcfg.budget_bytes, "gptq": bool(hessians)}
-    if qcfg.hidden_order == "greedy":  # the file holds the MLPs with relabelled hidden units
-        from pgolf.quant.hidden_order import order_mlp_hidden
-
-        stored, reordered = order_mlp_hidden(qtensors)
-        extra["hidden_order"] = {"rule": "greedy_l1", "mlps": len(reordered)}
+    stored, file_meta = file_tensors(qtensors, qcfg)
+    extra = {**(meta_extra or {}), "code_bytes": code_bytes, "budget_bytes": qcfg.budget_bytes, "gptq": bool(hessians), **file_meta}
     plan = ChunkPlan(default_codec=qcfg.codec, packing=qcfg.packing, progress=progress)
     blob = encode_artifact(stored, artifact_meta(model_cfg, extra), plan)
     contents = decode_artifact(blob, str(path))
