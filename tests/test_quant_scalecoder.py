@@ -113,3 +113,25 @@ def test_auto_packing_chooses_ftree_scales_and_range_coded_lqer_factors() -> Non
     assert "entropy" in {s.packing for s in lqer_streams}  # A's mostly-zero int2 codes range-code smaller
     fixed_info = {i.name: i.streams for i in fixed.tensors}
     assert fixed_info["tok_emb.weight"]["s"].packing == "raw"  # an explicit packing keeps raw scales
+
+
+@pytest.mark.parametrize("scale_dtype", ["fp16", "bf16"])
+def test_small_streams_are_decided_per_kind_and_every_scale_dtype_exports(scale_dtype: str) -> None:
+    """Scales and float tensors share a chunk: ftree scales and byte-plane floats are separate
+    kinds, both switched on when each saves bytes (one never masks the other); bf16 scales (no
+    ftree) export and round-trip under every packing."""
+    g = torch.Generator().manual_seed(0)
+    rowscale = torch.exp(0.1 * torch.randn(256, 1, generator=g))
+    state = {"blocks.0.mlp.fc.weight": torch.randn(256, 64, generator=g) * rowscale, "skip_weights": 1 + 0.01 * torch.randn(8, 64, generator=g)}
+    qts = quantize_state_dict(state, QuantConfig(mlp_format="int6:sd:sym", control_format="fp32", small_numel=64, scale_dtype=scale_dtype))
+    for plan in (ChunkPlan(default_codec="auto", packing="auto"), ChunkPlan(default_codec="brotli", packing="auto"),
+                 ChunkPlan(default_codec="zlib-9", packing="int8")):
+        contents = decode_artifact(encode_artifact(qts, {}, plan))
+        a, b = dequantize_state_dict(qts), dequantize_state_dict(contents.qtensors)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        chosen = {(i.name, k): s.packing for i in contents.tensors for k, s in i.streams.items()}
+        if plan.packing == "int8":
+            assert set(chosen.values()) == {"raw"}
+            continue
+        assert chosen[("skip_weights", "v")] == "shuffle"
+        assert chosen[("blocks.0.mlp.fc.weight", "s")] == ("ftree" if scale_dtype == "fp16" else "raw")

@@ -200,10 +200,10 @@ def _tensor_streams(qt: QTensor, plan: ChunkPlan, codecs: list[str]) -> list[_Pe
     candidates = {p: pack_ints(qt.values, fmt, p) for p in _packing_candidates(qt, plan.packing)}
     trial = codecs if len(candidates) > 1 or len(codecs) > 1 else []
     scales = raw_stream("s", qt.scale)
-    halves = qt.scale.detach().cpu().numpy()
-    if auto and halves.size >= FTREE_MIN_VALUES and can_code(halves):
-        # range-coded fp16 patterns: a small stream has no codec trial, so ftree is taken as it is
-        scales.candidates["ftree"] = encode_halves(halves)
+    if auto and qt.scale.dtype == torch.float16 and qt.scale.numel() >= FTREE_MIN_VALUES:
+        halves = qt.scale.detach().cpu().numpy()
+        if can_code(halves):  # range-coded fp16 patterns (bf16 / fp32 scales stay byte streams)
+            scales.candidates["ftree"] = encode_halves(halves)
     out = [_Pending("v", "i8", candidates, trial), scales]
     if qt.lqer is not None:  # LQER factors: bit-packed (or range-coded) integers + fp16 scales
         fa, fb = qt.lqer.formats
@@ -247,19 +247,27 @@ def _decide(pending: list[_Pending], codecs: list[str], progress: bool) -> None:
 
 def _decide_small(small: list[_Pending], codecs: list[str]) -> None:
     """Streams with alternatives but no codec trial of their own (small ones, which share a
-    chunk, so what they compress to depends on their neighbours) are decided by kind (``ftree``
-    scales, ``shuffle`` floats, range-coded LQER factors) on a measured total: their first
-    candidates' concatenation compressed with the best codec plus the range-coded streams' sizes.
-    A kind is switched on only when it lowers that total (greedily, the largest saving first)."""
-    kinds = sorted({k for p in small for k in p.candidates if k != p.packing})
+    chunk, so what they compress to depends on their neighbours) are decided by kind, a kind being
+    (stream key, packing): ``("s", "ftree")`` scales, ``("v", "shuffle")`` floats, ``("la",
+    "entropy")`` LQER factors, ... on a measured total: the deferred streams' concatenation
+    compressed with the best codec plus the range-coded streams' sizes. A kind is switched on only
+    when it lowers that total (greedily, the largest saving first); of two switched-on kinds for
+    one stream the later one holds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kinds = sorted({(p.key, k) for p in small for k in p.candidates if k != p.packing})
     if not kinds:
         return
     base = {id(p): p.packing for p in small}
 
-    def total(switched: set[str]) -> int:
+    def pick(p: _Pending, switched: list[tuple[str, str]]) -> str:
+        # the kind switched on last wins where a stream has several (scales: shuffle, then ftree)
+        return next((k for key, k in reversed(switched) if key == p.key and k in p.candidates), base[id(p)])
+
+    def total(switched: list[tuple[str, str]]) -> int:
         shared, coded = [], 0
         for p in small:
-            k = next((k for k in p.candidates if k in switched), base[id(p)])
+            k = pick(p, switched)
             if k in CODED_PACKINGS:
                 coded += len(p.candidates[k])
             else:
@@ -267,19 +275,20 @@ def _decide_small(small: list[_Pending], codecs: list[str]) -> None:
         raw = b"".join(shared)
         return coded + (min(len(compress(c, raw)) for c in codecs) if raw else 0)
 
-    switched: set[str] = set()
+    switched: list[tuple[str, str]] = []
     best = total(switched)
     while True:
-        trials = {k: total(switched | {k}) for k in kinds if k not in switched}
+        untried = [k for k in kinds if k not in switched]
+        with ThreadPoolExecutor(max_workers=_workers()) as pool:  # the codecs release the GIL
+            trials = dict(zip(untried, pool.map(lambda k: total([*switched, k]), untried)))
         k = min(trials, key=trials.get, default=None)
         if k is None or trials[k] >= best:
             break
-        switched.add(k)
+        switched.append(k)
         best = trials[k]
     for p in small:
-        p.packing = next((k for k in p.candidates if k in switched), base[id(p)])
-        if p.packing in CODED_PACKINGS:
-            p.codec = "none"
+        p.packing = pick(p, switched)
+        p.codec = "none" if p.packing in CODED_PACKINGS else codecs[0]
         p.candidates = {p.packing: p.candidates[p.packing]}
 
 
