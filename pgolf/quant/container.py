@@ -222,8 +222,9 @@ def _decide(pending: list[_Pending], codecs: list[str], progress: bool) -> None:
     """Set every stream's (packing, codec) to the smallest measured combination."""
     tasks, owners = [], []
     deferred = [p for p in pending if not p.trial_codecs and len(p.candidates) > 1]  # see _decide_small
+    deferred_ids = {id(p) for p in deferred}
     for p in pending:
-        if any(p is d for d in deferred):
+        if id(p) in deferred_ids:
             continue
         for packing, data in p.candidates.items():
             for codec in (["none"] if packing in CODED_PACKINGS else p.trial_codecs):
@@ -240,7 +241,7 @@ def _decide(pending: list[_Pending], codecs: list[str], progress: bool) -> None:
         else:  # a single candidate and nothing to try (or deferred: the first candidate for now)
             p.packing = next(iter(p.candidates))
             p.codec = "none" if p.packing in CODED_PACKINGS else codecs[0]
-        if not any(p is d for d in deferred):
+        if id(p) not in deferred_ids:
             p.candidates = {p.packing: p.candidates[p.packing]}  # free the losers
     _decide_small(deferred, codecs)
 

@@ -31,17 +31,12 @@ import struct
 
 import numpy as np
 
+from pgolf.quant.ctxcoder import PAIRS as _PAIRS  # [P(0), P(1)] of a 12-bit probability, exact in float32
+from pgolf.quant.entropy import _constriction
+
 VERSION = 1
 MAX_HALF = 0x7BFF  # the bit pattern of the largest finite float16 (65504)
 _HEAD = struct.Struct("<BHBBI")
-# [P(0), P(1)] for a 12-bit probability k/4096 of a 1, exact in float32 (the ctx coder's table)
-_PAIRS = np.stack([4096 - np.arange(4096), np.arange(4096)], axis=1).astype(np.float32) / 4096
-
-
-def _constriction():
-    from pgolf.quant.entropy import _constriction as c
-
-    return c()
 
 
 def _p_one(n0: int, n1: int) -> int:
