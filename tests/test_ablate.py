@@ -185,7 +185,7 @@ PLANTED = {  # change from the baseline -> its effect on val_bpb (lower is bette
 
 def _planted_trainer(ablation, cell):
     folder = ablation.cell_dir(cell)
-    bpb = 1.2 + sum(PLANTED.get(change, 0.0) for change in cell.changes)
+    bpb = 1.2 + sum(PLANTED.get(change, 0.0) for change in ablate.expand_settings(cell.changes))
     runs = []
     for i, seed in enumerate(ablation.seeds):
         run = folder / f"seed_{seed}"
@@ -229,3 +229,41 @@ def test_values_with_commas_are_separated_by_semicolons():
     assert opt.values == ("256:0", "128:0,256:0.5")
     (plain,) = parse_vary(["optim.matrix_lr=0.04,0.08"])
     assert plain.values == ("0.04", "0.08")
+
+
+def test_tied_keys_change_together_in_every_cell(tmp_path, monkeypatch):
+    from pgolf.submit.ablate import Ablation, parse_vary
+
+    options = parse_vary(["model.num_layers+optim.matrix_lr=9+0.04,4+0.08", "optim.scalar_lr=0.04,0.02"])
+    assert options[0].key == "model.num_layers+optim.matrix_lr" and len(grid_cells(options)) == 4
+    abl = Ablation("baseline", "cpu", [], [1337], tmp_path, options)
+    cfgs = {c.name: abl.cell_config(c) for c in grid_cells(options)}
+    tied = cfgs["model.num_layers+optim.matrix_lr=4+0.08"]
+    assert (tied.model.num_layers, tied.optim.matrix_lr, tied.optim.scalar_lr) == (4, 0.08, 0.04)
+    both = cfgs["model.num_layers+optim.matrix_lr=4+0.08, optim.scalar_lr=0.02"]
+    assert (both.model.num_layers, both.optim.matrix_lr, both.optim.scalar_lr) == (4, 0.08, 0.02)
+    base = cfgs["baseline"]
+    assert (base.model.num_layers, base.optim.matrix_lr) == (9, 0.04)
+
+    # the reports give each setting on its own, as --set would
+    monkeypatch.setattr(ablate, "train_cell", _planted_trainer)
+    rc, printed, err = _cli(["ablate", "--preset", "baseline", "--profile", "cpu", "--seeds", "2", "--out", str(tmp_path / "o"),
+                             "--vary", "optim.matrix_lr+model.mlp_mult=0.04+2,0.08+3"])
+    assert rc == 0, err
+    cells = json.loads((tmp_path / "o" / "ablation.json").read_text())["cells"]
+    assert cells[1]["settings"] == {"optim.matrix_lr": "0.08", "model.mlp_mult": "3"}
+    assert cells[1]["name"] == "optim.matrix_lr+model.mlp_mult=0.08+3"
+    # planted: matrix_lr 0.08 (-0.05) and mlp_mult 3 (+0.01) applied together
+    assert cells[1]["mean"] - cells[0]["mean"] == pytest.approx(-0.04)
+
+
+@pytest.mark.parametrize("vary, message", [
+    (["optim.matrix_lr+model.mlp_mult=0.04+2,0.08"], "must give 2 values joined by '+'"),
+    (["optim.matrix_lr+optim.matrix_lr=1+1,2+2"], "tied keys KEY1+KEY2 must be distinct"),
+    (["optim.matrix_lr+model.mlp_mult=0.04+2,0.08+3", "model.mlp_mult=2,4"], "--vary model.mlp_mult: given twice"),
+])
+def test_tied_key_errors(vary, message):
+    from pgolf.submit.ablate import AblateError, parse_vary
+
+    with pytest.raises(AblateError, match=re.escape(message)):
+        parse_vary(vary)

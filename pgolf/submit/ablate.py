@@ -8,6 +8,9 @@ and refuses a folder that holds another configuration. A cell's folder is named 
 from the baseline (``baseline``, ``optim.matrix_lr=0.02``, ...), so the grid and ``--greedy``
 share finished cells.
 
+* Tied keys: ``--vary KEY1+KEY2=A1+A2,B1+B2`` changes several settings together, one value of
+  each per alternative (a tokenizer: ``data.path+model.vocab_size=/d/sp1024+1024,/d/sp1536+1536``;
+  a width with its learning rate). The option counts as one; each value sets every key.
 * Grid (default): the cartesian product of the options' values, the all-baseline cell first.
 * ``--greedy``: forward selection as the best record's authors ran it. Start from the baseline;
   for each option in the order given, train each of its other values on top of what has been kept
@@ -107,16 +110,47 @@ def parse_vary(items: list[str]) -> list[Option]:
             raise AblateError(f"--vary {item!r}: expected KEY=V1,V2[,...] (or KEY=V1;V2;... when values contain commas) "
                               "with at least two values (the first is the baseline)")
         key = key.strip()
-        if key == "train.seed":
+        keys = option_keys(key)
+        if "train.seed" in keys:
             raise AblateError("--vary train.seed: seeds are not a setting to ablate; use --seeds")
+        if len(keys) > 1:
+            if not all(keys) or len(set(keys)) != len(keys):
+                raise AblateError(f"--vary {item!r}: tied keys KEY1+KEY2 must be distinct and non-empty")
+            bad = [v for v in values if len(v.split(TIE)) != len(keys)]
+            if bad:
+                raise AblateError(f"--vary {item!r}: value {bad[0]!r} must give {len(keys)} values joined by "
+                                  f"'{TIE}', one for each of {', '.join(keys)}")
         if len(set(values)) != len(values):
             raise AblateError(f"--vary {item!r}: a value repeats; give each value once")
-        if any(o.key == key for o in options):
-            raise AblateError(f"--vary {key}: given twice; put all its values in one --vary {key}=V1,V2,...")
+        for o in options:
+            shared = set(option_keys(o.key)) & set(keys)
+            if shared:
+                k = sorted(shared)[0]
+                raise AblateError(f"--vary {k}: given twice; put all its values in one --vary {k}=V1,V2,...")
         options.append(Option(key, values))
     if not options:
         raise AblateError("give at least one --vary KEY=V1,V2")
     return options
+
+
+TIE = "+"  # joins the keys of a tied option and the values of each of its alternatives
+
+
+def option_keys(key: str) -> list[str]:
+    """The settings an option's key names: ``a.b`` -> [a.b]; ``a.b+c.d`` (tied) -> [a.b, c.d]."""
+    return [k.strip() for k in key.split(TIE)]
+
+
+def expand_settings(settings: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A cell's (option key, value) pairs as the (setting, value) pairs they set: a tied option's
+    value gives each of its keys its own part."""
+    out: list[tuple[str, str]] = []
+    for key, value in settings:
+        keys = option_keys(key)
+        parts = value.split(TIE) if len(keys) > 1 else [value]
+        assert len(parts) == len(keys), (key, value)
+        out.extend((k, v.strip()) for k, v in zip(keys, parts))
+    return out
 
 
 def parse_seed_count(text: str) -> list[int]:
@@ -163,10 +197,11 @@ class Ablation:
 
     def cell_config(self, cell: Cell) -> RunConfig:
         set_keys = {k for k, _ in self.overrides}
-        clash = [k for k, _ in cell.settings if k in set_keys]
+        settings = expand_settings(cell.settings)
+        clash = [k for k, _ in settings if k in set_keys]
         if clash:
             raise AblateError(f"{clash[0]} is both varied (--vary) and fixed (--set/--steps/--seconds); keep it in --vary only")
-        return load_config(self.preset, self.profile, self.overrides + parse_set_args([f"{k}={v}" for k, v in cell.settings]))
+        return load_config(self.preset, self.profile, self.overrides + parse_set_args([f"{k}={v}" for k, v in settings]))
 
     def cell_dir(self, cell: Cell) -> Path:
         return self.out / "cells" / cell.folder
@@ -414,7 +449,7 @@ def _score_kind(score_name: str | None) -> str:
 def summarize_cell(cell: Cell, folder: Path, finished: list[Path], diverged: list[Path], failure: str | None = None) -> dict[str, Any]:
     """The cell's statistics from its run folders; the score comes from :func:`load_sample`, the
     reader of ``pgolf stats``, so the two always agree. ``failure``: why a child process failed."""
-    out: dict[str, Any] = {"name": cell.name, "settings": dict(cell.settings), "folder": str(folder),
+    out: dict[str, Any] = {"name": cell.name, "settings": dict(expand_settings(cell.settings)), "folder": str(folder),
                            "runs": [str(p) for p in finished], "n": len(finished), "diverged": len(diverged),
                            "metric": None, "mean": None, "std": None, "values": [], "val_loss_mean": None}
     if failure:
