@@ -257,6 +257,34 @@ def test_tied_keys_change_together_in_every_cell(tmp_path, monkeypatch):
     assert cells[1]["mean"] - cells[0]["mean"] == pytest.approx(-0.04)
 
 
+def test_a_vocabulary_ablation_is_tested_per_byte(tmp_path, monkeypatch):
+    """Cells with another tokenizer score the same text in other tokens: the Welch p is on val_bpb
+    (a planted 1536 vocabulary: lower bpb, higher loss per token), and the report says so."""
+    import math
+
+    def trainer(ablation, cell):
+        vocab = dict(ablate.expand_settings(cell.settings))["model.vocab_size"]
+        bpn = (0.40 if vocab == "1024" else 0.36) / math.log(2)  # bpb per nat = tokens per byte / ln 2
+        runs = []
+        for i, seed in enumerate(ablation.seeds):
+            bpb = (2.89 if vocab == "1024" else 2.81) + (0.003 if i % 2 else -0.003)
+            run = ablation.cell_dir(cell) / f"seed_{seed}"
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "log.txt").write_text(
+                "config:" + json.dumps({"preset": "baseline", "train": {"seed": seed}}) + f"\nseed:{seed}\n"
+                f"final_int6_roundtrip_exact val_loss:{bpb / bpn:.8f} val_bpb:{bpb:.8f}\nstatus:finished\n")
+            runs.append(run)
+        return runs, []
+
+    monkeypatch.setattr(ablate, "train_cell", trainer)
+    rc, printed, err = _cli(["ablate", "--preset", "baseline", "--profile", "cpu", "--seeds", "2", "--out", str(tmp_path),
+                             "--vary", "data.path+model.vocab_size=/d/sp1024+1024,/d/sp1536+1536"])
+    assert rc == 0, err
+    cell = json.loads((tmp_path / "ablation.json").read_text())["cells"][1]
+    assert cell["welch_metric"] == "val_bpb" and cell["p"] < 0.05 and cell["delta"] == pytest.approx(-0.08)
+    assert "tokenise the validation text differently" in (tmp_path / "ablation.md").read_text()
+
+
 @pytest.mark.parametrize("vary, message", [
     (["optim.matrix_lr+model.mlp_mult=0.04+2,0.08"], "must give 2 values joined by '+'"),
     (["optim.matrix_lr+optim.matrix_lr=1+1,2+2"], "tied keys KEY1+KEY2 must be distinct"),

@@ -120,3 +120,27 @@ def test_stats_cli_prints_the_test_and_exits_by_verdict(tmp_path, capsys):
     assert "PASS: p < 0.01" in out and "t = " in out and "dof = " in out and "mean 2.00000000" in out
     assert cli(["stats", *runs, "--against", str(tmp_path / "ref.json"), "--min-gain-nats", "0.5"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_two_tokenizers_are_compared_per_byte_not_per_token():
+    """A vocabulary ablation: the same validation text in fewer, longer tokens has a higher loss
+    per token and a lower bpb. The test must be on val_bpb (the challenge's metric), not nats per
+    token, and the nats threshold is converted at the reference's bpb/nats ratio."""
+    from pgolf.submit.stats import Sample, bpb_per_nat
+
+    ln2 = math.log(2)
+    ref_bpb, new_bpb = [2.895, 2.889, 2.892], [2.804, 2.815, 2.810]
+    tokens_per_byte_ref, tokens_per_byte_new = 0.40, 0.36  # the new tokenizer: 10% fewer tokens
+    ref = Sample("sp1024", [b * ln2 / tokens_per_byte_ref for b in ref_bpb], ref_bpb, [1, 2, 3], [])
+    new = Sample("sp1536", [b * ln2 / tokens_per_byte_new for b in new_bpb], new_bpb, [1, 2, 3], [])
+    assert sum(new.val_loss) > sum(ref.val_loss)  # per token the new side looks worse
+    assert bpb_per_nat(ref) == pytest.approx(tokens_per_byte_ref / ln2)
+    result, note = compare(new, ref, 0.005)
+    assert result.metric == "val_bpb" and result.passed and result.p < 1e-3
+    assert result.min_gain == pytest.approx(0.005 * tokens_per_byte_ref / ln2)
+    assert "tokenise the validation text differently" in note
+    assert result.p == pytest.approx(welch_improvement(new_bpb, ref_bpb, 0.005 * tokens_per_byte_ref / ln2).p)
+    # one tokenizer on both sides: the test stays on nats, with no note
+    same = Sample("sp1024b", [b * ln2 / tokens_per_byte_ref for b in new_bpb], new_bpb, [1, 2, 3], [])
+    result, note = compare(same, ref, 0.005)
+    assert result.metric == "val_loss" and note == ""

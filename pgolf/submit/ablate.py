@@ -487,11 +487,12 @@ def welch_against_first(cell: dict[str, Any], reference: dict[str, Any], min_gai
         return
     cell["delta"] = cell["mean"] - reference["mean"]
     try:
-        result, _note = compare(cell["_sample"], reference["_sample"], min_gain_nats, DEFAULT_ALPHA)
+        result, note = compare(cell["_sample"], reference["_sample"], min_gain_nats, DEFAULT_ALPHA)
     except StatsError as exc:  # fewer than 2 seeds on a side
         cell["p_note"] = str(exc)
         return
     cell["p"], cell["welch_metric"], cell["welch_t"], cell["welch_dof"] = result.p, result.metric, result.t, result.dof
+    cell["p_note"] = note or None  # e.g. two tokenizers: the test is on val_bpb
 
 
 def evaluate(ablation: Ablation, cell: Cell, trainer: Callable[[Ablation, Cell], tuple[list[Path], list[Path]]] | None = None) -> CellResult:
@@ -607,6 +608,9 @@ def markdown(report: dict[str, Any], plot_name: str) -> str:
              f"Seeds {', '.join(map(str, report['seeds']))}; {report['budget']}. Score: each run's score line "
              "(as `pgolf stats`); p: one-sided Welch test that the cell beats the first cell by more than "
              f"{report['min_gain_nats']} nats (lower is better).", "", table, ""]
+    notes = [f"- `{c['name']}`: {c['p_note']}" for c in report["cells"] if c.get("p_note")]
+    if notes:
+        lines += ["Notes on the tests:", ""] + notes + [""]
     if report.get("decisions"):
         lines += ["## Greedy decisions", ""] + [f"- {d['decision']}" for d in report["decisions"]]
         lines += ["", f"Selected: `{report['selected']}`", ""]

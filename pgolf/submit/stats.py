@@ -297,10 +297,26 @@ def welch_improvement(new: list[float], ref: list[float], min_gain: float, *, me
     return WelchResult(metric, min_gain, len(new), len(ref), m_new, m_ref, sd_new, sd_ref, m_ref - m_new, se, t, dof, p, alpha)
 
 
+def bpb_per_nat(s: Sample) -> float | None:
+    """The sample's mean val_bpb / val_loss (None without both): bytes and tokens of one
+    validation text under one tokenizer fix it, so it identifies how the side tokenised."""
+    if not (s.val_loss and s.val_bpb) or len(s.val_loss) != len(s.val_bpb) or not all(s.val_loss):
+        return None
+    return sum(b / l for b, l in zip(s.val_bpb, s.val_loss)) / len(s.val_loss)
+
+
 def compare(new: Sample, ref: Sample, min_gain_nats: float = DEFAULT_MIN_GAIN_NATS, alpha: float = DEFAULT_ALPHA) -> tuple[WelchResult, str]:
-    """The test on val_loss (nats) when both sides have it; otherwise on val_bpb with the nats
-    threshold converted by the runs' own bpb/loss ratio (one validation set, so one constant).
-    Returns the result and a note on the conversion ("" when none)."""
+    """The test on val_loss (nats) when both sides have it and tokenise the validation text alike;
+    otherwise on val_bpb with the nats threshold converted by a bpb/loss ratio (one validation set
+    and one tokenizer give one constant: tokens per byte / ln 2). Two tokenizers (a vocabulary
+    ablation) score the same text in different tokens, so nats per token do not compare and the
+    test is on val_bpb with the reference's ratio. Returns the result and a note on the conversion
+    ("" when none)."""
+    ratio_new, ratio_ref = bpb_per_nat(new), bpb_per_nat(ref)
+    if ratio_new and ratio_ref and not math.isclose(ratio_new, ratio_ref, rel_tol=1e-6):
+        note = (f"the two sides tokenise the validation text differently (bpb/nats {ratio_new:.6f} vs {ratio_ref:.6f}): "
+                f"tested on val_bpb, threshold {min_gain_nats} nats = {min_gain_nats * ratio_ref:.6f} bpb at the reference's ratio")
+        return welch_improvement(new.val_bpb, ref.val_bpb, min_gain_nats * ratio_ref, metric="val_bpb", alpha=alpha), note
     if new.val_loss and ref.val_loss:
         return welch_improvement(new.val_loss, ref.val_loss, min_gain_nats, metric="val_loss", alpha=alpha), ""
     both = next((s for s in (new, ref) if s.val_loss and s.val_bpb), None)
