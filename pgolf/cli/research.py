@@ -23,7 +23,8 @@ def register(sub) -> None:
                        "cell; writes OUT/ablation.json, ablation.md and ablation.png.")
     add_config_args(p)
     p.add_argument("--vary", action="append", default=[], required=True, metavar="KEY=V1,V2[,...]",
-                   help="a setting and its values, the first the baseline (repeatable: the grid is their product)")
+                   help="a setting and its values, the first the baseline (repeatable: the grid is their product); "
+                        "';' separates values that contain commas; KEY1+KEY2=A1+A2,B1+B2 ties settings that change together")
     p.add_argument("--seeds", required=True, help="a count (3 = 1337,42,2025) or a comma-separated list of seeds")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="train every run for N steps (no wallclock cap)")
