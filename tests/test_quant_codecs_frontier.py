@@ -234,3 +234,46 @@ def test_codec_table_of_inspect_with_lrzip(tmp_path: Path, capsys) -> None:
     groups = {r["group"]: r for r in rep["codec_groups"]}
     assert all(groups[g]["lrzip-pergroup"] == res.group_bytes[g] for g in GROUPS if g in groups)
     assert groups["rest"]["lrzip-pergroup"] == res.remainder_bytes + res.perm_bytes + res.overhead_bytes
+
+
+def test_ctx_decode_budget_keeps_the_largest_saving_per_value(monkeypatch) -> None:
+    """Above CTX_MAX_VALUES integers on `ctx`, the tensors with the largest saving per value keep
+    it and the others take their best other packing; the artifact still decodes exactly; an
+    explicit packing="ctx" is what the user asked for and is kept whatever the budget."""
+    from pgolf.quant import container
+    from pgolf.quant.codecs import compress
+    from pgolf.quant.formats import parse_format
+    from pgolf.quant.streams import pack_ints
+
+    g = torch.Generator().manual_seed(4)
+    state = {}
+    for name, noise in (("tok_emb.weight", 0.05), ("blocks.0.mlp.fc.weight", 0.15)):  # families of rows: ctx wins on both
+        base = torch.randn(16, 64, generator=g)
+        state[name] = base[torch.randint(0, 16, (512,), generator=g)] + noise * torch.randn(512, 64, generator=g)
+    qts = quantize_state_dict(state, QuantConfig(embed_format="int6:sd:sym", mlp_format="int6:sd:sym", small_numel=64))
+
+    def chosen(plan):
+        contents = decode_artifact(encode_artifact(qts, {}, plan))
+        a, b = dequantize_state_dict(qts), dequantize_state_dict(contents.qtensors)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        return {i.name: i.streams["v"].packing for i in contents.tensors}
+
+    auto = ChunkPlan(default_codec="zstd-22", packing="auto")
+    assert chosen(auto) == {"tok_emb.weight": "ctx", "blocks.0.mlp.fc.weight": "ctx"}
+    sizes = {}
+    for qt in qts:  # the saving per value of each, measured as _decide measures it
+        if qt.name not in state:
+            continue
+        name = qt.name
+        ctx = len(pack_ints(qt.values, parse_format(qt.fmt), "ctx"))
+        plain = min(len(pack_ints(qt.values, parse_format(qt.fmt), "entropy")),
+                    len(compress("zstd-22", pack_ints(qt.values, parse_format(qt.fmt), "bitpack"))))
+        sizes[name] = plain - (ctx + ctx // container.CTX_MIN_GAIN)
+    winner = max(sizes, key=sizes.get)  # equal value counts: the larger saving per value
+    monkeypatch.setattr(container, "CTX_MAX_VALUES", 512 * 64)  # room for one of the two
+    got = chosen(auto)
+    (loser,) = set(sizes) - {winner}
+    assert sizes[winner] > sizes[loser] > 0 and got[winner] == "ctx" and got[loser] != "ctx"
+    monkeypatch.setattr(container, "CTX_MAX_VALUES", 100)  # room for none
+    assert "ctx" not in chosen(auto).values()
+    assert set(chosen(ChunkPlan(default_codec="zstd-22", packing="ctx")).values()) == {"ctx"}

@@ -66,9 +66,15 @@ _MAX_NUMEL = 1 << 31
 SOLO_MIN_BYTES = 4096
 CTX_MIN_VALUES = 4096  # packing=auto tries the context coder on tensors of at least this many values
 # ... and keeps it only when it is smaller than the best other packing by at least 1/CTX_MIN_GAIN of
-# its size (0.5%): it decodes at ~1 ms a row where the order-0 coder takes microseconds, so a 36M-parameter
+# its size (0.5%): it decodes at ~4 us a value where the order-0 coder takes ~0.1 us, so a 36M-parameter
 # model decodes in seconds only if the context coder holds the tensors where it pays
 CTX_MIN_GAIN = 200
+# ... and codes at most this many values in one artifact with it: the context coder decodes at
+# ~4 us a value on this project's CPU (measured: 2048 x 512 int6 in 4.2 s), the order-0 coder at
+# ~0.1 us, so a trained 36M-parameter model with every tensor on `ctx` would take ~2.5 minutes to
+# load inside the 600 s evaluation. 5M values bound that to ~20 s; above the budget the tensors with
+# the largest saving per value keep `ctx`, the others take their best other packing.
+CTX_MAX_VALUES = 5_000_000
 FTREE_MIN_VALUES = 64  # packing=auto tries range-coding fp16 scale streams of at least this many rows (scalecoder.py)
 SHUFFLE_MIN_VALUES = 16  # ... and byte planes for float streams of at least this many values
 _FOREIGN_MAGICS = {
@@ -175,6 +181,7 @@ class _Pending:
     packing: str = ""
     codec: str = ""
     group: str = ""
+    values: int = 0  # the integers a "v" stream holds (the context coder's decode budget)
 
     @property
     def data(self) -> bytes:
@@ -204,7 +211,7 @@ def _tensor_streams(qt: QTensor, plan: ChunkPlan, codecs: list[str]) -> list[_Pe
         halves = qt.scale.detach().cpu().numpy()
         if can_code(halves):  # range-coded fp16 patterns (bf16 / fp32 scales stay byte streams)
             scales.candidates["ftree"] = encode_halves(halves)
-    out = [_Pending("v", "i8", candidates, trial), scales]
+    out = [_Pending("v", "i8", candidates, trial, values=qt.values.numel()), scales]
     if qt.lqer is not None:  # LQER factors: bit-packed (or range-coded) integers + fp16 scales
         fa, fb = qt.lqer.formats
 
@@ -231,10 +238,15 @@ def _decide(pending: list[_Pending], codecs: list[str], progress: bool) -> None:
                 tasks.append((codec, data))
                 owners.append((p, packing, codec))
     best: dict[int, tuple[int, str, str]] = {}
+    best_plain: dict[int, tuple[int, str, str]] = {}  # the best without the context coder
     for (p, packing, codec), size in zip(owners, _trial_sizes(tasks, progress)):
+        if packing != "ctx" and (id(p) not in best_plain or size < best_plain[id(p)][0]):
+            best_plain[id(p)] = (size, packing, codec)
         size += size // CTX_MIN_GAIN if packing == "ctx" else 0
         if id(p) not in best or size < best[id(p)][0]:
             best[id(p)] = (size, packing, codec)
+    # packing="ctx" asked for explicitly has no other candidate: what the user asked for is kept
+    _ctx_budget([p for p in pending if id(p) in best and best[id(p)][1] == "ctx" and id(p) in best_plain], best, best_plain)
     for p in pending:
         if id(p) in best:
             _, p.packing, p.codec = best[id(p)]
@@ -244,6 +256,22 @@ def _decide(pending: list[_Pending], codecs: list[str], progress: bool) -> None:
         if id(p) not in deferred_ids:
             p.candidates = {p.packing: p.candidates[p.packing]}  # free the losers
     _decide_small(deferred, codecs)
+
+
+def _ctx_budget(ctx: list[_Pending], best: dict[int, tuple[int, str, str]], best_plain: dict[int, tuple[int, str, str]]) -> None:
+    """Keep the context coder's decode time bounded: when the streams that chose ``ctx`` hold more
+    than ``CTX_MAX_VALUES`` integers, those with the largest saving per value keep it (in that
+    order, while the total fits) and the others fall back to their best other packing."""
+    if sum(p.values for p in ctx) <= CTX_MAX_VALUES:
+        return
+    # a stable sort: equal savings keep the artifact's tensor order, so the choice is deterministic
+    ranked = sorted(ctx, key=lambda p: (best[id(p)][0] - best_plain[id(p)][0]) / max(p.values, 1))
+    kept = 0
+    for p in ranked:
+        if kept + p.values <= CTX_MAX_VALUES:
+            kept += p.values
+        else:
+            best[id(p)] = best_plain[id(p)]
 
 
 def _decide_small(small: list[_Pending], codecs: list[str]) -> None:
