@@ -321,10 +321,9 @@ def compare(new: Sample, ref: Sample, min_gain_nats: float = DEFAULT_MIN_GAIN_NA
         return welch_improvement(new.val_bpb, ref.val_bpb, min_gain_nats * ratio_ref, metric="val_bpb", alpha=alpha), note
     if new.val_loss and ref.val_loss:
         return welch_improvement(new.val_loss, ref.val_loss, min_gain_nats, metric="val_loss", alpha=alpha), ""
-    both = next((s for s in (new, ref) if s.val_loss and s.val_bpb), None)
-    if both is None or not (new.val_bpb and ref.val_bpb):
+    both, ratio = (new, ratio_new) if ratio_new else (ref, ratio_ref)
+    if not ratio or not (new.val_bpb and ref.val_bpb):
         raise StatsError("one side has only val_bpb and neither side has both val_loss and val_bpb to convert the nats threshold")
-    ratio = sum(b / l for b, l in zip(both.val_bpb, both.val_loss)) / len(both.val_loss)
     note = f"reference has no val_loss: threshold {min_gain_nats} nats = {min_gain_nats * ratio:.6f} bpb (bpb/nats ratio {ratio:.6f} of {both.label})"
     return welch_improvement(new.val_bpb, ref.val_bpb, min_gain_nats * ratio, metric="val_bpb", alpha=alpha), note
 
