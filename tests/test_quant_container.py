@@ -149,7 +149,7 @@ def test_truncated_and_corrupted_files_are_rejected(tmp_path: Path) -> None:
 def test_old_versions_are_rejected_with_a_clear_message() -> None:
     blob = bytearray(_good_blob())
     blob[8:10] = struct.pack("<H", 1)
-    with pytest.raises(ArtifactError, match=f"unsupported artifact version 1 .*reads version {CONTAINER_VERSION}"):
+    with pytest.raises(ArtifactError, match="unsupported artifact version 1 .*reads versions 2, 3"):
         decode_artifact(_reseal(bytes(blob[:-4])), "old.pgolf")
 
 

@@ -3,7 +3,7 @@
 Layout (all integers little-endian)::
 
     magic      8 bytes   b"PGOLFAR\\x00"
-    version    u16       CONTAINER_VERSION (2)
+    version    u16       CONTAINER_VERSION (3; version 2 files, which have no stacks, are read too)
     hdr_codec  u8        codec id of the header (codecs.CODEC_IDS)
     hdr_len    u32       compressed header length
     hdr_raw    u32       decompressed header length
@@ -16,6 +16,10 @@ Header JSON (arrays rather than objects: the header counts toward the 16 MB)::
     {"meta": {...},
      "chunks": [[codec, raw_len, len], ...],
      "tensors": [[name, shape, dtype, fmt, [[key, chunk, offset, nbytes, enc, packing], ...]], ...]}
+
+A ``v`` stream of an integer tensor in a *role stack* (``stacks.py``: the same matrix of every block
+coded as one ``entropy`` or ``ctx`` stream) has two more items, ``first_row, stack_rows``: the
+stream is the stack's, of ``stack_rows`` rows, and the tensor's rows start at ``first_row``.
 
 ``key`` is ``v`` (values) or ``s`` (per-row scales of an integer format); ``offset``/``nbytes``
 locate the stream inside the *decompressed* chunk; ``enc`` is the element encoding
@@ -52,12 +56,14 @@ from pgolf.quant.codecs import CODEC_IDS, CODEC_NAMES, compress, decompress
 from pgolf.quant.export import TORCH_DTYPES, QTensor
 from pgolf.quant.formats import parse_format
 from pgolf.quant.scalecoder import can_code, decode_halves, encode_halves
+from pgolf.quant.stacks import STACKABLE, StackCache, plan_stacks
 from pgolf.quant.streams import (CODED_PACKINGS, FLOAT_PACKINGS, FLOAT_TAGS, PACKINGS, TAG_OF, itemsize, pack_ints, shuffle_planes, tensor_from_bytes,
                                  tensor_to_bytes, unpack_ints, unshuffle_planes)
 
 MAGIC = b"PGOLFAR\x00"
 ROTATE_KEY = "rotate"  # meta field of quant.rotate=hadamard (pgolf.quant.rotate)
-CONTAINER_VERSION = 2
+CONTAINER_VERSION = 3
+READ_VERSIONS = (2, 3)  # version 3 added role stacks; a version 2 file is a version 3 file without them
 _PREAMBLE = struct.Struct("<8sHBII")
 _CRC = struct.Struct("<I")
 _MAX_HEADER = 64 << 20
@@ -103,6 +109,7 @@ class StreamInfo:
     nbytes: int  # bytes of the stream before the chunk codec
     stored_bytes: float  # bytes in the file (a shared chunk's bytes are attributed by nbytes)
     payload: bytes = field(default=b"", repr=False)  # the decompressed stream bytes (reports)
+    stack: tuple[int, int] | None = None  # a role stack's member: (first row, stack rows); payload: the stack's
 
 
 @dataclass
@@ -182,6 +189,8 @@ class _Pending:
     codec: str = ""
     group: str = ""
     values: int = 0  # the integers a "v" stream holds (the context coder's decode budget)
+    stack: tuple[int, int] | None = None  # (first row, stack rows) of a role stack's member
+    holder: "_Pending | None" = None  # the member whose data is the stack (None: this one)
 
     @property
     def data(self) -> bytes:
@@ -345,9 +354,13 @@ def encode_artifact(qtensors: list[QTensor], meta: dict, plan: ChunkPlan | None 
             results = tqdm(results, total=len(qtensors), desc="export: packing", leave=False, dynamic_ncols=True, disable=None)
         per_tensor = list(results)
     _decide([p for streams in per_tensor for p in streams], codecs, plan.progress)
+    if plan.packing == "auto":
+        _stack_roles(qtensors, per_tensor)
     groups: dict[str, list[_Pending]] = {}
     for ti, streams in enumerate(per_tensor):
         for p in streams:
+            if p.holder is not None:  # a stack member whose rows are in another member's stream
+                continue
             p.group = _group_of(p, auto, f"solo{ti}{p.key}")
             groups.setdefault(p.group, []).append(p)
     chunk_specs, compressed, chunk_of, offset_of = [], [], {}, {}
@@ -367,9 +380,13 @@ def encode_artifact(qtensors: list[QTensor], meta: dict, plan: ChunkPlan | None 
         chunk_of[gkey] = len(chunk_specs)
         chunk_specs.append([codec, len(raw), len(z)])
         compressed.append(z)
+
+    def entry(p: _Pending) -> list:
+        h = p.holder or p
+        return [p.key, chunk_of[h.group], offset_of[id(h)], len(h.data), p.enc, p.packing] + (list(p.stack) if p.stack else [])
+
     tensors = [
-        [qt.name, list(qt.shape), qt.dtype, qt.fmt, [[p.key, chunk_of[p.group], offset_of[id(p)], len(p.data), p.enc, p.packing] for p in streams]]
-        + ([qt.lqer.descriptor()] if qt.lqer is not None else [])
+        [qt.name, list(qt.shape), qt.dtype, qt.fmt, [entry(p) for p in streams]] + ([qt.lqer.descriptor()] if qt.lqer is not None else [])
         for qt, streams in zip(qtensors, per_tensor)
     ]
     meta = _with_rotation(qtensors, meta)
@@ -378,6 +395,21 @@ def encode_artifact(qtensors: list[QTensor], meta: dict, plan: ChunkPlan | None 
     header = compress(hdr_codec, header_raw)
     body = _PREAMBLE.pack(MAGIC, CONTAINER_VERSION, CODEC_IDS[hdr_codec], len(header), len(header_raw)) + header + b"".join(compressed)
     return body + _CRC.pack(zlib.crc32(body))
+
+
+def _stack_roles(qtensors: list[QTensor], per_tensor: list[list[_Pending]]) -> None:
+    """Code the same matrix of every block as one stream where that is smaller (``stacks.py``)."""
+    ints = [(qt, streams[0]) for qt, streams in zip(qtensors, per_tensor) if qt.scale is not None and streams[0].key == "v"]
+    items = [(qt.name, qt.fmt, qt.values.reshape(qt.values.shape[0], -1), p.packing, len(p.data)) for qt, p in ints]
+    for stack in plan_stacks(items, lambda q, fmt, packing: pack_ints(q, parse_format(fmt), packing)):
+        first, total = 0, sum(stack.rows)
+        holder = ints[stack.members[0]][1]
+        for i, rows in zip(stack.members, stack.rows):
+            p = ints[i][1]
+            p.packing, p.candidates, p.codec, p.stack = stack.packing, {stack.packing: b""}, "none", (first, total)
+            p.holder = None if p is holder else holder
+            first += rows
+        holder.candidates = {stack.packing: stack.data}
 
 
 def _with_rotation(qtensors: list[QTensor], meta: dict) -> dict:
@@ -418,7 +450,7 @@ def _list(v, what: str, n: int | None = None) -> list:
     return v
 
 
-def _read_preamble(blob: bytes) -> tuple[int, int, int, int]:
+def _read_preamble(blob: bytes) -> tuple[int, int, int, int, int]:
     if len(blob) < _PREAMBLE.size + _CRC.size or blob[:8] != MAGIC:
         for magic, what in _FOREIGN_MAGICS.items():
             if blob.startswith(magic):
@@ -427,13 +459,13 @@ def _read_preamble(blob: bytes) -> tuple[int, int, int, int]:
             raise _Reject("not a pgolf artifact (bad magic)")
         raise _Reject(f"too short to be a pgolf artifact ({len(blob)} bytes)")
     _, version, hdr_codec_id, hdr_len, hdr_raw_len = _PREAMBLE.unpack_from(blob, 0)
-    if version != CONTAINER_VERSION:
-        raise _Reject(f"unsupported artifact version {version} (this pgolf reads version {CONTAINER_VERSION}); "
+    if version not in READ_VERSIONS:
+        raise _Reject(f"unsupported artifact version {version} (this pgolf reads versions {', '.join(map(str, READ_VERSIONS))}); "
                       "re-export it with this pgolf (`pgolf export`) or use the pgolf that wrote it")
     (crc,) = _CRC.unpack_from(blob, len(blob) - _CRC.size)
     if zlib.crc32(memoryview(blob)[: -_CRC.size]) != crc:
         raise _Reject("checksum mismatch: the file is truncated or corrupted")
-    return hdr_codec_id, hdr_len, hdr_raw_len, _PREAMBLE.size
+    return version, hdr_codec_id, hdr_len, hdr_raw_len, _PREAMBLE.size
 
 
 def decode_artifact(blob: bytes, source: str = "<bytes>", *, keep_payload: bool = False) -> ArtifactContents:
@@ -445,7 +477,7 @@ def decode_artifact(blob: bytes, source: str = "<bytes>", *, keep_payload: bool 
 
 
 def _decode(blob: bytes, keep_payload: bool) -> ArtifactContents:
-    hdr_codec_id, hdr_len, hdr_raw_len, pos = _read_preamble(blob)
+    version, hdr_codec_id, hdr_len, hdr_raw_len, pos = _read_preamble(blob)
     body_end = len(blob) - _CRC.size
     codec_names = {v: k for k, v in CODEC_IDS.items()}
     if hdr_codec_id not in codec_names or hdr_raw_len > _MAX_HEADER:
@@ -481,8 +513,9 @@ def _decode(blob: bytes, keep_payload: bool) -> ArtifactContents:
     ratio = [(length / raw_len if raw_len else 0.0) for _, raw_len, length in chunk_specs]
     qtensors, infos, seen = [], [], set()
     total_numel = 0
+    stacks = StackCache() if version >= 3 else None  # version 2 files have no stacks
     for spec in _list(header["tensors"], "tensor table"):
-        qt, info = _decode_tensor(spec, chunks, chunk_specs, ratio, keep_payload)
+        qt, info = _decode_tensor(spec, chunks, chunk_specs, ratio, keep_payload, stacks)
         if qt.name in seen:
             raise _Reject(f"tensor {qt.name!r} appears twice")
         seen.add(qt.name)
@@ -525,7 +558,7 @@ def _attach_rotation(spec, qtensors: list[QTensor]) -> None:
             raise _Reject(f"meta {ROTATE_KEY}: {exc}") from None
 
 
-def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], keep_payload: bool) -> tuple[QTensor, TensorInfo]:
+def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], keep_payload: bool, stacks) -> tuple[QTensor, TensorInfo]:
     spec = _list(spec, "tensor entry")
     if len(spec) not in (5, 6):
         raise _Reject("tensor entry: expected a list of 5 or 6 items")
@@ -567,7 +600,15 @@ def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], k
     found: dict[str, torch.Tensor] = {}
     infos: dict[str, StreamInfo] = {}
     for s in _list(streams, f"{where} streams"):
-        key, chunk, offset, nbytes, enc, packing = _list(s, f"{where} stream", 6)
+        s = _list(s, f"{where} stream")
+        stack = None
+        if len(s) == 8 and stacks is not None and s[0] == "v" and is_int and s[5] in STACKABLE:
+            stack = (_int(s[6], f"{where} first row", 0, _MAX_NUMEL), _int(s[7], f"{where} stack rows", 1, _MAX_NUMEL))
+            if stack[1] * cols > _MAX_NUMEL or stack[0] + rows > stack[1]:
+                raise _Reject(f"{where}: rows {stack[0]}..{stack[0] + rows} do not fit its stack of {stack[1]} rows")
+        elif len(s) != 6:
+            raise _Reject(f"{where} stream: expected a list of 6 items (8 for a role stack's values)")
+        key, chunk, offset, nbytes, enc, packing = s[:6]
         if key not in allowed or key in found or (key == "s" and not is_int):
             raise _Reject(f"{where}: unexpected stream {key!r}")
         if not chunks:
@@ -613,7 +654,11 @@ def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], k
             elif is_int:
                 if enc != "i8":
                     raise ValueError(f"integer values must have encoding i8, got {enc!r}")
-                t = unpack_ints(data, packing, parsed, rows, cols)
+                if stack is None:
+                    t = unpack_ints(data, packing, parsed, rows, cols)
+                else:  # decoded once for all its members; this tensor's rows of it
+                    sid = (chunk, offset, nbytes, packing, parsed.bits, stack[1], cols)
+                    t = stacks.rows(sid, stack[0], rows, lambda: unpack_ints(data, packing, parsed, stack[1], cols))
             else:
                 if enc != want_tag:
                     raise ValueError(f"encoding {enc!r} does not match format {fmt} / dtype {dtype}")
@@ -622,7 +667,8 @@ def _decode_tensor(spec, chunks: list[bytes], chunk_specs, ratio: list[float], k
             raise _Reject(f"{where}: stream {key!r}: {exc}") from None
         found[key] = t
         codec = chunk_specs[chunk][0]
-        infos[key] = StreamInfo(key, packing, codec, nbytes, nbytes * ratio[chunk], data if keep_payload else b"")
+        share = rows / stack[1] if stack else 1.0  # a stack's bytes are attributed to its members by rows
+        infos[key] = StreamInfo(key, packing, codec, round(nbytes * share), nbytes * share * ratio[chunk], data if keep_payload else b"", stack)
     if "v" not in found or (is_int and "s" not in found):
         raise _Reject(f"{where}: missing {'values' if 'v' not in found else 'scale'} stream")
     values = found["v"] if is_int else found["v"].reshape(shape)

@@ -305,6 +305,8 @@ def decode_entropy(data: bytes, rows: int, cols: int, bits: int) -> np.ndarray:
         else:
             symbols[start : start + n] = t.lo
         start += n
+    if not decoder.maybe_exhausted():  # e.g. a stream of more rows than the header's tensor says
+        raise ValueError("entropy stream: range-coder words left over after the last symbol (corrupt payload or wrong shape)")
     out = np.empty(ctx.size, dtype=np.uint8)
     out[order] = symbols.astype(np.uint8)
     return out.reshape(rows, cols)

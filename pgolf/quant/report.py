@@ -51,7 +51,9 @@ def artifact_report(path: str | Path, *, codecs: str = "none") -> dict:
             bits = parse_format(qt.fmt).bits
             u = (qt.values.numpy().astype(np.int16) - parse_format(qt.fmt).qmin).astype(np.uint8).reshape(qt.values.shape[0], -1)
             order0 = tensor_bound_bits(u, bits) / 8
-            if v.packing == "entropy":
+            if v.stack is not None:  # a role stack's rows: the stack's statistics are shared
+                bound, contexts, model_bytes = order0, f"stack of {v.stack[1]} rows ({v.packing})", None
+            elif v.packing == "entropy":
                 st = stream_stats(v.payload, u, bits)
                 bound, contexts, model_bytes = st["bound_bits"] / 8, st["contexts"], st["model_bytes"]
             elif v.packing == "ctx":  # adaptive contexts of the previous row: may code below the order-0 bound
