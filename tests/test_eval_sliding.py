@@ -25,7 +25,7 @@ def test_plan_scores_every_target_exactly_once_with_the_longest_context(L: int, 
     assert W == min(L, N)
     seen = torch.zeros(N, dtype=torch.int64)
     for w in range(plan.num_windows):
-        ws, first = int(plan.starts[w]), int(plan.first[w])
+        ws = int(plan.starts[w])
         lo, hi = plan.scored_range(w)
         assert 0 <= ws and ws + W <= N  # the window lies inside the stream (it needs v[ws + W])
         assert hi == ws + W  # a window ends at its last scored target: nothing after it is read

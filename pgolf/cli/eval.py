@@ -136,8 +136,6 @@ def load_eval_inputs(args: argparse.Namespace, device):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from pgolf.eval.bpb import SidecarBytes
     from pgolf.eval.budget import estimate_8xh100
     from pgolf.eval.sliding import evaluate_sliding, sliding_plan
