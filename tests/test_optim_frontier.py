@@ -22,7 +22,13 @@ from pgolf.config import load_config
 from pgolf.errors import ConfigError
 from pgolf.optim.groups import build_optimizers, matrix_optimizer, replicated_parameters, split_parameters
 from pgolf.optim.muon import Muon, shape_banks
-from pgolf.optim.newton_schulz import POLAR_EXPRESS_COEFFS, newton_schulz5, polar_express, row_normalize
+from pgolf.optim.newton_schulz import (
+    POLAR_EXPRESS_COEFFS,
+    newton_schulz5,
+    polar_express,
+    row_normalize,
+    widened_bf16_matmul,
+)
 from pgolf.optim.normuon import NorMuon
 from pgolf.optim.schedule import lr_scale_frac, muon_wd_multiplier, training_fraction
 from pgolf.optim.sharded import all_reduce_replicated_grads
@@ -133,6 +139,20 @@ def test_polar_express_runs_at_most_five_tuples():
     assert len(POLAR_EXPRESS_COEFFS) == 5
     assert torch.equal(polar_express(g, steps=8), polar_express(g, steps=5))
     assert not torch.equal(polar_express(g, steps=2), polar_express(g, steps=5))
+
+
+def test_widened_bf16_matmul_is_the_bf16_gemm():
+    # fp32 accumulation and one rounding, like torch's bf16 GEMM: equal bit for bit at these sizes
+    # (contiguous and transposed operands, 2-D and batched); it is bf16 and not the fp32 product.
+    gen = torch.Generator().manual_seed(5)
+    for m, k, n in ((24, 40, 24), (64, 256, 64)):
+        p = torch.randn(3, m, k, generator=gen).bfloat16()
+        q = torch.randn(3, n, k, generator=gen).bfloat16()
+        out = widened_bf16_matmul(p, q.mT)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, p @ q.mT)
+        assert torch.equal(widened_bf16_matmul(p[0], q[0].mT.contiguous()), p[0] @ q[0].mT.contiguous())
+        assert not torch.equal(out.float(), p.float() @ q.float().mT)
 
 
 @pytest.mark.parametrize("ns", [newton_schulz5, polar_express])
