@@ -88,6 +88,25 @@ def test_presets_mixed_precision_policy() -> None:
     assert f89["tok_emb.weight"] == "fp16" and f89["blocks.0.mlp.fc.weight"] == "int6:q:sym:fp32div"
 
 
+@pytest.mark.parametrize("preset", ["pr1787", "pr1855"])
+def test_r6_r7_route_every_small_float_to_fp16(preset: str) -> None:
+    """R6/R7's routing (frontier.md 3.12): quant-gates -> int8 rows, then every float tensor of at
+    most 65,536 values -> fp16 (control tensors too: the records have no fp32 rule), the rest GPTQ."""
+    cfg = load_config(preset)
+    from pgolf.quant.predict import _meta_state
+
+    formats = {n: choose_format(n, t, cfg.quant) for n, t in _meta_state(cfg).items()}
+    controls = [n for n in formats if any(p in n for p in cfg.quant.control_patterns) and not n.endswith("attn_gate_w")]
+    assert {"skip_weights", "skip_gates", "parallel_post_lambdas", "blocks.3.attn.q_gain", "blocks.3.resid_mix"} <= set(controls)
+    for name, t in _meta_state(cfg).items():
+        if name.endswith(".attn_gate_w"):
+            assert formats[name] == "int8:max:sym:nofloor", name
+        elif t.is_floating_point() and t.numel() <= 65_536:
+            assert formats[name] == "fp16", name
+        else:
+            assert formats[name].startswith("int"), name
+
+
 def test_name_patterns_come_first_and_int5_mlp() -> None:
     cfg = QuantConfig(mlp_format="int5:max:full", attn_format="int6:max:full", name_formats=["blocks.8.attn.c_k=fp16"])
     w = torch.randn(256, 512)
