@@ -95,10 +95,11 @@ def test_r6_r7_route_every_small_float_to_fp16(preset: str) -> None:
     cfg = load_config(preset)
     from pgolf.quant.predict import _meta_state
 
-    formats = {n: choose_format(n, t, cfg.quant) for n, t in _meta_state(cfg).items()}
+    state = _meta_state(cfg)
+    formats = {n: choose_format(n, t, cfg.quant) for n, t in state.items()}
     controls = [n for n in formats if any(p in n for p in cfg.quant.control_patterns) and not n.endswith("attn_gate_w")]
     assert {"skip_weights", "skip_gates", "parallel_post_lambdas", "blocks.3.attn.q_gain", "blocks.3.resid_mix"} <= set(controls)
-    for name, t in _meta_state(cfg).items():
+    for name, t in state.items():
         if name.endswith(".attn_gate_w"):
             assert formats[name] == "int8:max:sym:nofloor", name
         elif t.is_floating_point() and t.numel() <= 65_536:
